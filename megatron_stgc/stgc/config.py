@@ -1,0 +1,83 @@
+"""STGC settings: one dataclass, validated before any process group exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("single-pass", "two-pass")
+ESTIMATORS = ("exact", "sketch")
+NORMALIZATIONS = ("pairs", "tokens")
+
+
+def parse_layer_ranges(text: str | None, num_layers: int) -> frozenset[int]:
+    """'0-3,6,8-9' -> {0,1,2,3,6,8,9} (0-based decoder layer indices).
+
+    None or "all" means every layer. Raises ValueError naming --stgc-layers.
+    """
+    if text is None or text.strip().lower() == "all":
+        return frozenset(range(num_layers))
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise ValueError(f"--stgc-layers: cannot parse {part!r} in {text!r}") from None
+        if lo > hi or lo < 0 or hi >= num_layers:
+            raise ValueError(
+                f"--stgc-layers: range {part!r} is outside layers 0-{num_layers - 1}"
+            )
+        layers.update(range(lo, hi + 1))
+    return frozenset(layers)
+
+
+@dataclass
+class STGCConfig:
+    """Solving Token Gradient Conflict (arXiv 2406.19905) switches.
+
+    enabled:        add the conflict elimination loss to every selected MoE layer.
+    beta:           weight of L_token in L_main + alpha * L_aux + beta * L_token.
+    tau:            a (token, expert) pair conflicts when cos(g_n, g_mean) < tau.
+    layers:         decoder layers (0-based ranges, e.g. "0-23") where STGC is on;
+                    None = every MoE layer.
+    mode:           "single-pass" (flags found and L_token applied inside one
+                    backward) or "two-pass" (the paper's recipe: a backward to find
+                    conflicting tokens, then the step with L_token added).
+    estimator:      "exact" per-token cosines, or "sketch": the cosine against a
+                    random low-rank sketch of the mean gradient (cheaper).
+    sketch_rank:    columns of the sketch when estimator == "sketch".
+    normalization:  N in L_token = -(1/(N*E)) sum log softmax(-z)[e]:
+                    "pairs" = number of conflicting (token, expert) pairs (default),
+                    "tokens" = number of distinct tokens with at least one conflict.
+    """
+
+    enabled: bool = False
+    beta: float = 1.0
+    tau: float = 0.0
+    layers: str | None = None
+    mode: str = "single-pass"
+    estimator: str = "exact"
+    sketch_rank: int = 64
+    normalization: str = "pairs"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--stgc-mode must be one of {MODES}, got {self.mode!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"--stgc-estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"--stgc-normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+        if self.beta < 0:
+            raise ValueError(f"--stgc-beta must be >= 0, got {self.beta}")
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"--stgc-tau must lie in [-1, 1], got {self.tau}")
+        if self.sketch_rank < 1:
+            raise ValueError(f"--stgc-sketch-rank must be >= 1, got {self.sketch_rank}")
+
+    def layer_set(self, num_layers: int) -> frozenset[int]:
+        return parse_layer_ranges(self.layers, num_layers)
