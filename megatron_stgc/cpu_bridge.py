@@ -29,10 +29,22 @@ Patches (all applied by ``install()``):
 * ``schedules_device``    megatron's pipeline schedules allocate their token
                           counter with ``device="cuda"``; on CPU that allocation
                           goes to the CPU.
+* ``optimizer_device``    megatron's optimizers, grad scalers, gradient clipping and
+                          DDP grad buffers create small tensors (loss scale,
+                          found-inf flag, grad norm; also the local
+                          multi-tensor l2-norm in megatron.core.utils) with
+                          ``device="cuda"``; on CPU
+                          those factory calls create CPU tensors.
+* ``tensor_type_checks``  gradient clipping, the BF16 optimizer and the distributed
+                          optimizer sort parameters by ``param.type()`` strings
+                          ("torch.cuda.FloatTensor", ...). While those three run,
+                          a CPU tensor's ``type()`` reports the CUDA name, so CPU
+                          parameters are sorted as the same dtype on GPU would be.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -127,8 +139,18 @@ def _patch_te_general_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
-class _CpuTorchForSchedules(types.ModuleType):
-    """``torch`` as megatron's schedules module sees it: ``device="cuda"`` -> CPU."""
+def _cpu_if_cuda(device):
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        return "cpu"
+    return device
+
+
+class _CpuDeviceTorch(types.ModuleType):
+    """``torch`` as a megatron module sees it: factory calls with ``device="cuda"`` -> CPU.
+
+    Installed as the ``torch`` global of the megatron modules that hard-code
+    ``device="cuda"``; every other attribute is the real ``torch``.
+    """
 
     def __init__(self):
         super().__init__("torch")
@@ -138,15 +160,75 @@ class _CpuTorchForSchedules(types.ModuleType):
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
-        if device == "cuda":
-            device = "cpu"
-        return torch.zeros(*args, device=device, **kwargs)
+        return torch.zeros(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    @staticmethod
+    def ones(*args, device=None, **kwargs):
+        return torch.ones(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    @staticmethod
+    def empty(*args, device=None, **kwargs):
+        return torch.empty(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device=_cpu_if_cuda(device), **kwargs)
 
 
 def _patch_schedules_device() -> None:
     from megatron.core.pipeline_parallel import schedules
 
-    schedules.torch = _CpuTorchForSchedules()
+    schedules.torch = _CpuDeviceTorch()
+
+
+def _patch_optimizer_device() -> None:
+    from megatron.core import utils as mcore_utils
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    # utils: the local (non-apex) multi_tensor_l2norm returns its norm on "cuda".
+    for module in (mcore_optimizer, clip_grads, grad_scaler, distrib_optimizer,
+                   param_and_grad_buffer, mcore_utils):
+        module.torch = _CpuDeviceTorch()
+
+
+@contextlib.contextmanager
+def _tensor_type_reports_cuda():
+    """Inside: ``cpu_tensor.type()`` names the CUDA type ("torch.cuda.FloatTensor")."""
+    original = torch.Tensor.type
+
+    def type_as_cuda(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_as_cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _reporting_cuda_tensor_types(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _tensor_type_reports_cuda():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_tensor_type_checks() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    clipping = _reporting_cuda_tensor_types(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clipping
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = clipping
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params,
+                distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _reporting_cuda_tensor_types(cls.__init__)
 
 
 def _patch_causal_mask() -> None:
@@ -169,6 +251,8 @@ _PATCHES = {
     "te_general_gemm": _patch_te_general_gemm,
     "causal_mask": _patch_causal_mask,
     "schedules_device": _patch_schedules_device,
+    "optimizer_device": _patch_optimizer_device,
+    "tensor_type_checks": _patch_tensor_type_checks,
 }
 
 

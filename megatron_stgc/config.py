@@ -1,0 +1,399 @@
+"""Run configuration: dataclasses, YAML loading, command-line flags and validation.
+
+One run is described by ``RunConfig``; each section is a dataclass whose field
+names are the Megatron-style flag names with underscores (``num_layers`` is
+``--num-layers``). A YAML file (``--config``) sets defaults with the same keys
+(dashes or underscores, flat or grouped by section); flags on the command line
+override it. ``validate_run_config`` checks everything that can be checked
+before a process group exists and raises ``ConfigError`` naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from megatron_stgc.stgc.config import STGCConfig
+
+
+class ConfigError(ValueError):
+    """A configuration error, raised before any process group is created."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
+    moe_ffn_hidden_size: Optional[int] = None  # default ffn_hidden_size
+    num_attention_heads: int = 4
+    seq_length: int = 64
+    num_experts: Optional[int] = 4
+    moe_router_topk: int = 2
+    moe_layer_freq: int = 2  # MoE on every N-th layer (MoE-LLaVA: every other)
+    moe_aux_loss_coeff: float = 0.01
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_dispatcher_type: str = "alltoall"
+    add_bias_linear: bool = False
+    position_embedding_type: str = "rope"
+    normalization: str = "LayerNorm"
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = False
+    recompute_granularity: Optional[str] = None  # None | "full" | "selective"
+    use_te: Optional[bool] = None  # None = TE spec when CUDA is available
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+    fp8_format: Optional[str] = None  # "e4m3" | "hybrid"; passed to Transformer Engine
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_decay_style: str = "cosine"
+    lr_warmup_fraction: float = 0.03
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[str] = None  # None = the embedded instruction-style text set
+    tokenizer_model: Optional[str] = None  # None = train one on the data at first run
+    vocab_size: int = 512  # size of the tokenizer trained at first run
+    num_samples: int = 4000  # samples generated for the embedded data set
+    cache_dir: Optional[str] = None  # default: <save>/cache or ~/.cache/megatron_stgc
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    log_file: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "precision": PrecisionConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+# STGC flags are --stgc-<field>, except "enabled" which is --stgc.
+STGC_FLAG_NAMES = {f.name: ("stgc" if f.name == "enabled" else f"stgc_{f.name}")
+                   for f in dataclasses.fields(STGCConfig)}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stgc: STGCConfig = field(default_factory=STGCConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag_table() -> dict[str, tuple[str, dataclasses.Field]]:
+    """flat key (underscored flag name) -> (section attribute, dataclass field)."""
+    table: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            table[f.name] = (section, f)
+    for f in dataclasses.fields(STGCConfig):
+        table[STGC_FLAG_NAMES[f.name]] = ("stgc", f)
+    return table
+
+
+def flag(key: str) -> str:
+    """'num_layers' -> '--num-layers'."""
+    return "--" + key.replace("_", "-")
+
+
+def _normalise_key(key: str) -> str:
+    return key.strip().lstrip("-").replace("-", "_")
+
+
+def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Accept flat keys, or keys grouped under section names (model:, stgc:, ...)."""
+    flat: dict[str, Any] = {}
+    table = _flag_table()
+    for key, value in raw.items():
+        key = _normalise_key(key)
+        if key in SECTIONS or key == "stgc" and isinstance(value, dict):
+            for sub_key, sub_value in (value or {}).items():
+                sub_key = _normalise_key(sub_key)
+                if key == "stgc":
+                    sub_key = STGC_FLAG_NAMES.get(sub_key, sub_key)
+                flat[sub_key] = sub_value
+        else:
+            flat[key] = value
+    unknown = sorted(k for k in flat if k not in table)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown}; known flags are "
+                          f"{sorted(flag(k) for k in table)}")
+    return flat
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config into a flat {underscored flag name: value} dict."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file not found: {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of flag names to values")
+    return _flatten_yaml(raw, f"--config {path}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if text == name or text == f"Optional[{name}]":
+            return typ
+    return str
+
+
+def _parse_optional(typ: type):
+    def parse(text: str):
+        if str(text).strip().lower() in ("none", "null"):
+            return None
+        return _parse_bool(text) if typ is bool else typ(text)
+    parse.__name__ = typ.__name__
+    return parse
+
+
+def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """Add one flag per config field; every default is None ("not given")."""
+    parser = parser or argparse.ArgumentParser(prog="megatron-stgc train")
+    parser.add_argument("--config", default=None, help="YAML file; flags override its keys")
+    for key, (section, f) in _flag_table().items():
+        typ = _field_type(f)
+        help_text = f"[{section}] default: {f.default!r}" if f.default is not dataclasses.MISSING else section
+        if typ is bool:
+            # --bf16 alone means true; --bf16 false / --no-bf16 also work.
+            parser.add_argument(flag(key), dest=key, nargs="?", const=True, default=None,
+                                type=_parse_bool, help=help_text)
+            parser.add_argument("--no-" + key.replace("_", "-"), dest=key, action="store_const",
+                                const=False, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag(key), dest=key, default=None, type=_parse_optional(typ),
+                                help=help_text)
+    return parser
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    if value is None:
+        return None
+    typ = _field_type(f)
+    try:
+        if typ is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return typ(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{flag(key)}: expected {typ.__name__}, got {value!r}") from None
+
+
+def config_from_flat(values: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from {underscored flag name: value}; unknown keys are errors."""
+    table = _flag_table()
+    config = RunConfig()
+    for key, value in values.items():
+        if key not in table:
+            raise ConfigError(f"unknown setting {flag(key)}")
+        section, f = table[key]
+        setattr(getattr(config, section), f.name, _coerce(key, f, value))
+    return config
+
+
+def parse_run_config(argv: list[str]) -> RunConfig:
+    """Command-line flags (and the optional --config YAML) -> validated-shape RunConfig.
+
+    Precedence: flags > YAML > dataclass defaults. Does not call validate_run_config.
+    """
+    args = build_arg_parser().parse_args(argv)
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for key, value in vars(args).items():
+        if key != "config" and value is not None:
+            values[key] = value
+    return config_from_flat(values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def fill_defaults(config: RunConfig) -> RunConfig:
+    """Derived defaults (ffn sizes)."""
+    m = config.model
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = 4 * m.hidden_size
+    if m.moe_ffn_hidden_size is None:
+        m.moe_ffn_hidden_size = m.ffn_hidden_size
+    return config
+
+
+def validate_run_config(config: RunConfig, world_size: int) -> None:
+    """Check a RunConfig for a run on ``world_size`` processes; raise ConfigError naming the flag.
+
+    Call before torch.distributed is initialised.
+    """
+    fill_defaults(config)
+    m, p, t, pr = config.model, config.parallel, config.training, config.precision
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                "ffn_hidden_size", "moe_ffn_hidden_size", "moe_router_topk", "moe_layer_freq"):
+        _require(getattr(m, key) >= 1, f"{flag(key)} must be >= 1, got {getattr(m, key)}")
+    for key in ("micro_batch_size", "global_batch_size", "train_iters"):
+        _require(getattr(t, key) >= 1, f"{flag(key)} must be >= 1, got {getattr(t, key)}")
+    for key in ("tensor_model_parallel_size", "expert_model_parallel_size"):
+        _require(getattr(p, key) >= 1, f"{flag(key)} must be >= 1, got {getattr(p, key)}")
+
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"--hidden-size ({m.hidden_size}) must be divisible by "
+             f"--num-attention-heads ({m.num_attention_heads})")
+    tp, ep = p.tensor_model_parallel_size, p.expert_model_parallel_size
+    _require(world_size % tp == 0,
+             f"--tensor-model-parallel-size ({tp}) must divide the world size ({world_size})")
+    _require(m.num_attention_heads % tp == 0,
+             f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+             f"--tensor-model-parallel-size ({tp})")
+    _require(m.ffn_hidden_size % tp == 0,
+             f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by "
+             f"--tensor-model-parallel-size ({tp})")
+    if tp > 1:
+        _require(m.seq_length % tp == 0,
+                 f"--seq-length ({m.seq_length}) must be divisible by "
+                 f"--tensor-model-parallel-size ({tp}) (sequence parallelism)")
+    dp = world_size // tp
+    _require(dp % ep == 0,
+             f"--expert-model-parallel-size ({ep}) must divide the data-parallel size "
+             f"({dp} = world size {world_size} / --tensor-model-parallel-size {tp})")
+
+    if m.num_experts is None:
+        _require(ep == 1, f"--expert-model-parallel-size ({ep}) > 1 needs --num-experts")
+        _require(not config.stgc.enabled, "--stgc needs an MoE model: set --num-experts")
+    else:
+        _require(m.num_experts >= 1, f"--num-experts must be >= 1, got {m.num_experts}")
+        _require(m.num_experts % ep == 0,
+                 f"--num-experts ({m.num_experts}) must be divisible by "
+                 f"--expert-model-parallel-size ({ep})")
+        _require(m.moe_router_topk <= m.num_experts,
+                 f"--moe-router-topk ({m.moe_router_topk}) must be <= --num-experts "
+                 f"({m.num_experts})")
+        _require(m.moe_layer_freq <= m.num_layers,
+                 f"--moe-layer-freq ({m.moe_layer_freq}) must be <= --num-layers ({m.num_layers}) "
+                 "or no layer would be MoE")
+        _require(m.moe_token_dispatcher_type in ("alltoall", "allgather"),
+                 f"--moe-token-dispatcher-type must be 'alltoall' or 'allgather', got "
+                 f"{m.moe_token_dispatcher_type!r}")
+        _require(m.moe_aux_loss_coeff >= 0,
+                 f"--moe-aux-loss-coeff must be >= 0, got {m.moe_aux_loss_coeff}")
+        if m.moe_expert_capacity_factor is not None:
+            _require(m.moe_expert_capacity_factor > 0,
+                     f"--moe-expert-capacity-factor must be > 0, got {m.moe_expert_capacity_factor}")
+            _require(m.moe_token_dispatcher_type == "alltoall",
+                     "--moe-expert-capacity-factor needs --moe-token-dispatcher-type alltoall")
+        _require(m.moe_ffn_hidden_size % tp == 0,
+                 f"--moe-ffn-hidden-size ({m.moe_ffn_hidden_size}) must be divisible by "
+                 f"--tensor-model-parallel-size ({tp})")
+
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0,
+             f"--global-batch-size ({t.global_batch_size}) must be divisible by "
+             f"--micro-batch-size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}")
+    _require(m.recompute_granularity in (None, "full", "selective"),
+             f"--recompute-granularity must be 'full' or 'selective', got {m.recompute_granularity!r}")
+    _require(t.lr > 0, f"--lr must be > 0, got {t.lr}")
+    _require(0 <= t.min_lr <= t.lr, f"--min-lr ({t.min_lr}) must lie in [0, --lr ({t.lr})]")
+    _require(t.lr_decay_style in ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+             f"--lr-decay-style {t.lr_decay_style!r} is not one of constant, linear, cosine, "
+             "inverse-square-root, WSD")
+    _require(0 <= t.lr_warmup_fraction < 1,
+             f"--lr-warmup-fraction must lie in [0, 1), got {t.lr_warmup_fraction}")
+    _require(t.clip_grad >= 0, f"--clip-grad must be >= 0, got {t.clip_grad}")
+    _require(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
+    _require(pr.fp8_format in (None, "e4m3", "hybrid"),
+             f"--fp8-format must be 'e4m3' or 'hybrid', got {pr.fp8_format!r}")
+    _require(config.checkpoint.save_interval is None or config.checkpoint.save_interval >= 1,
+             f"--save-interval must be >= 1, got {config.checkpoint.save_interval}")
+    _require(config.checkpoint.save_interval is None or config.checkpoint.save is not None,
+             "--save-interval needs --save")
+    _require(config.logging.log_interval >= 1,
+             f"--log-interval must be >= 1, got {config.logging.log_interval}")
+    _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
+             f"--vocab-size must be >= 64, got {config.data.vocab_size}")
+    if config.data.data_path is not None:
+        _require(os.path.exists(config.data.data_path),
+                 f"--data-path: {config.data.data_path} does not exist")
+    if config.data.tokenizer_model is not None:
+        _require(os.path.isfile(config.data.tokenizer_model),
+                 f"--tokenizer-model: {config.data.tokenizer_model} does not exist")
+    if config.checkpoint.load is not None:
+        _require(os.path.isdir(config.checkpoint.load),
+                 f"--load: directory {config.checkpoint.load} does not exist")
+
+    if pr.fp8_format is not None or m.use_te:
+        _require(_cuda_available(),
+                 ("--fp8-format" if pr.fp8_format else "--use-te")
+                 + " needs CUDA and Transformer Engine; this machine has no GPU")
+    try:
+        config.stgc.validate()
+        if config.stgc.enabled:
+            config.stgc.layer_set(m.num_layers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()

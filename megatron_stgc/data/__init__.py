@@ -1,0 +1,1 @@
+"""Data: the embedded instruction-style text set, its tokenizer, packed batches."""

@@ -1,0 +1,166 @@
+"""Packed, loss-masked token sequences and deterministic per-rank micro-batches.
+
+A sample is ``seq_length + 1`` token ids: conversations packed greedily, each
+as prompt tokens (loss mask 0) + answer tokens + EOS (loss mask 1), padded at
+the end. Sample ``i`` of the run (counting over all steps, all ranks) is
+``sequences[order[i % N]]`` with a fresh seeded permutation per epoch, so the
+data position is fully described by the number of samples consumed: that is
+what a checkpoint stores and what resume starts from.
+
+Data-parallel split: global batch ``g`` holds samples ``[g*GBS, (g+1)*GBS)``;
+data-parallel rank ``r`` of ``D`` takes the contiguous slice
+``[r*GBS/D, (r+1)*GBS/D)`` and cuts it into micro-batches in order. A run with
+D=1 and the same micro-batch size therefore sees exactly the micro-batches of
+all ranks of a D>1 run, one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from megatron_stgc.data.instruct_text import (Conversation, format_conversation, format_prompt,
+                                              generate_conversations)
+from megatron_stgc.data.tokenizer import Tokenizer, get_or_train_tokenizer
+
+
+def load_conversations(path: str) -> list[Conversation]:
+    """Read (question, answer) pairs from JSON / JSONL.
+
+    Each record is {"question": ..., "answer": ...}, {"prompt": ..., "response": ...}
+    or LLaVA style {"conversations": [{"from": "human", "value": ...},
+    {"from": "gpt", "value": ...}, ...]} (every human/gpt turn pair is a sample).
+    """
+    with open(path) as f:
+        text = f.read()
+    stripped = text.lstrip()
+    records = json.loads(text) if stripped.startswith("[") else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+    conversations = []
+    for number, record in enumerate(records):
+        if "conversations" in record:
+            turns = record["conversations"]
+            for human, gpt in zip(turns[0::2], turns[1::2]):
+                conversations.append(Conversation(human["value"], gpt["value"]))
+        elif "question" in record or "prompt" in record:
+            conversations.append(Conversation(record.get("question", record.get("prompt")),
+                                              record.get("answer", record.get("response"))))
+        else:
+            raise ValueError(f"--data-path {path}: record {number} has neither "
+                             "question/answer, prompt/response nor conversations")
+    if not conversations:
+        raise ValueError(f"--data-path {path}: no conversations found")
+    return conversations
+
+
+def pack_conversations(conversations: list[Conversation], tokenizer: Tokenizer,
+                       seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [N, seq_length+1], loss_mask [N, seq_length+1]) packed greedily.
+
+    A conversation longer than a sample is truncated (with a warning that
+    counts them), never dropped silently.
+    """
+    width = seq_length + 1
+    rows_tokens, rows_mask = [], []
+    tokens: list[int] = []
+    mask: list[int] = []
+    truncated = 0
+
+    def flush():
+        pad = width - len(tokens)
+        rows_tokens.append(tokens + [tokenizer.pad_id] * pad)
+        rows_mask.append(mask + [0] * pad)
+
+    for conversation in conversations:
+        prompt = tokenizer.encode(format_prompt(conversation.question))
+        answer = tokenizer.encode(conversation.answer) + [tokenizer.eos_id]
+        ids, ids_mask = prompt + answer, [0] * len(prompt) + [1] * len(answer)
+        if len(ids) > width:
+            truncated += 1
+            ids, ids_mask = ids[:width], ids_mask[:width]
+        if len(tokens) + len(ids) > width:
+            flush()
+            tokens, mask = [], []
+        tokens, mask = tokens + ids, mask + ids_mask
+    if tokens:
+        flush()
+    if truncated:
+        warnings.warn(f"{truncated} of {len(conversations)} conversations are longer than "
+                      f"--seq-length {seq_length} + 1 tokens and were truncated")
+    return np.asarray(rows_tokens, dtype=np.int64), np.asarray(rows_mask, dtype=np.int64)
+
+
+@dataclass
+class PackedDataset:
+    tokens: np.ndarray  # [N, seq_length + 1]
+    loss_mask: np.ndarray  # [N, seq_length + 1]; 1 on answer tokens and EOS
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def sample_index(self, global_index: int) -> int:
+        """Row of the run's ``global_index``-th sample (seeded permutation per epoch)."""
+        epoch, position = divmod(global_index, len(self))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+        return int(order[position])
+
+    def batch(self, global_indices: list[int]) -> dict[str, torch.Tensor]:
+        """tokens / labels / loss_mask / position_ids, each [b, seq_length]."""
+        rows = [self.sample_index(i) for i in global_indices]
+        tokens = torch.from_numpy(self.tokens[rows])
+        mask = torch.from_numpy(self.loss_mask[rows])
+        seq_length = tokens.shape[1] - 1
+        return {
+            "tokens": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": mask[:, 1:].float().contiguous(),
+            "position_ids": torch.arange(seq_length).unsqueeze(0).expand(len(rows), -1).contiguous(),
+        }
+
+
+def micro_batch_indices(consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                        dp_rank: int, dp_size: int) -> list[list[int]]:
+    """Global sample indices of this rank's micro-batches for the step that starts at
+    ``consumed_samples``."""
+    per_rank = global_batch_size // dp_size
+    start = consumed_samples + dp_rank * per_rank
+    return [list(range(start + m, start + m + micro_batch_size))
+            for m in range(0, per_rank, micro_batch_size)]
+
+
+def micro_batches(dataset: PackedDataset, consumed_samples: int, global_batch_size: int,
+                  micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
+    """Iterator over this rank's micro-batches for one step (what the schedule consumes)."""
+    for indices in micro_batch_indices(consumed_samples, global_batch_size, micro_batch_size,
+                                       dp_rank, dp_size):
+        yield dataset.batch(indices)
+
+
+def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optional[str] = None,
+                  tokenizer_model: Optional[str] = None, vocab_size: int = 512,
+                  num_samples: int = 4000) -> tuple[PackedDataset, Tokenizer]:
+    """The packed data set and its tokenizer (trained and cached on first use).
+
+    Without ``data_path`` the embedded generator makes ``num_samples``
+    conversations. Call on every rank; to avoid a training race, let rank 0 call
+    it first (``prepare_data`` in training/train.py does).
+    """
+    if data_path is not None:
+        conversations = load_conversations(data_path)
+    else:
+        conversations = generate_conversations(num_samples, seed=0)
+    if tokenizer_model is not None:
+        tokenizer = Tokenizer(tokenizer_model)
+    else:
+        os.makedirs(cache_dir, exist_ok=True)
+        tokenizer = get_or_train_tokenizer([format_conversation(c) for c in conversations],
+                                           vocab_size, cache_dir)
+    tokens, loss_mask = pack_conversations(conversations, tokenizer, seq_length)
+    return PackedDataset(tokens, loss_mask, seed), tokenizer

@@ -1,0 +1,78 @@
+"""SentencePiece tokenizer: load one, or train one on the data at first run (cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from typing import Iterable
+
+import sentencepiece as spm
+
+from megatron_stgc.data.instruct_text import ASSISTANT_TAG, USER_TAG
+
+
+class Tokenizer:
+    """Thin wrapper over a SentencePiece model with the ids training needs."""
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+def cached_tokenizer_path(cache_dir: str, texts_fingerprint: str, vocab_size: int) -> str:
+    key = hashlib.sha256(f"{texts_fingerprint}-{vocab_size}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"spm-{vocab_size}-{key}.model")
+
+
+def fingerprint(texts: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, output_path: str) -> str:
+    """Train a BPE SentencePiece model on ``texts``; publish it at ``output_path`` atomically."""
+    os.makedirs(os.path.dirname(output_path) or ".", exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        user_defined_symbols=[USER_TAG, ASSISTANT_TAG],
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+        split_digits=True,
+    )
+    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(output_path) or ".", suffix=".tmp")
+    with os.fdopen(handle, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp_path, output_path)
+    return output_path
+
+
+def get_or_train_tokenizer(texts: list[str], vocab_size: int, cache_dir: str) -> Tokenizer:
+    """The tokenizer cached for these texts and vocab size; trained on first use."""
+    path = cached_tokenizer_path(cache_dir, fingerprint(texts), vocab_size)
+    if not os.path.isfile(path):
+        train_tokenizer(texts, vocab_size, path)
+    return Tokenizer(path)

@@ -1,0 +1,1 @@
+"""Model building: layer specs, the GPT MoE model and its fixes."""

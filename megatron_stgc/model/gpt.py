@@ -1,0 +1,96 @@
+"""Build megatron-core's GPTModel with MoE layers from a RunConfig."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_stgc.config import RunConfig, fill_defaults
+from megatron_stgc.model.expert_bias import install_expert_bias_fix
+from megatron_stgc.model.specs import build_layer_specs
+
+
+def use_transformer_engine(config: RunConfig) -> bool:
+    """TE spec when asked for, else when CUDA is present; the local spec on CPU."""
+    if config.model.use_te is not None:
+        return config.model.use_te
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config_from(config: RunConfig) -> TransformerConfig:
+    """megatron-core TransformerConfig for ``config`` (needs parallel state for TP/EP sizes)."""
+    fill_defaults(config)
+    m, p, pr = config.model, config.parallel, config.precision
+    on_gpu = torch.cuda.is_available()
+    use_te = use_transformer_engine(config)
+    moe = m.num_experts is not None
+    params_dtype = torch.bfloat16 if pr.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        add_bias_linear=m.add_bias_linear,
+        normalization=m.normalization,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.tensor_model_parallel_size > 1,
+        # precision: BF16 params, fp32 main grads (DDP grad buffer) and fp32 router
+        bf16=pr.bf16,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        autocast_dtype=params_dtype,
+        fp8=pr.fp8_format,
+        # MoE
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size if moe else None,
+        moe_router_topk=m.moe_router_topk,
+        moe_layer_freq=m.moe_layer_freq,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff if moe else 0.0,
+        moe_router_load_balancing_type="aux_loss",
+        moe_expert_capacity_factor=m.moe_expert_capacity_factor,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        moe_grouped_gemm=use_te and moe,
+        moe_permute_fusion=False,
+        moe_router_dtype="fp32",
+        # kernels: fused paths only where CUDA exists
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu and use_te,
+        bias_dropout_fusion=on_gpu and use_te,
+        masked_softmax_fusion=on_gpu and use_te,
+        apply_rope_fusion=on_gpu and use_te,
+        persist_layer_norm=on_gpu and use_te,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method="uniform" if m.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if m.recompute_granularity == "full" else None,
+    )
+
+
+def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
+    """The GPT MoE model for this rank (call after parallel.initialize_parallel)."""
+    transformer_config = transformer_config_from(config)
+    specs = build_layer_specs(transformer_config, use_transformer_engine(config), config.stgc)
+    model = GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=specs,
+        vocab_size=vocab_size,
+        max_sequence_length=config.model.seq_length,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
+        position_embedding_type=config.model.position_embedding_type,
+    )
+    install_expert_bias_fix(model)
+    return model

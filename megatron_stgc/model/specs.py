@@ -1,0 +1,36 @@
+"""The one place that chooses the decoder layer specs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_stgc.stgc.config import STGCConfig
+
+
+def build_layer_specs(
+    transformer_config: TransformerConfig,
+    use_te: bool,
+    stgc_config: Optional[STGCConfig] = None,
+) -> TransformerBlockSubmodules:
+    """Decoder block spec for a GPT with MoE on every ``moe_layer_freq``-th layer.
+
+    use_te=False: megatron-core's local spec (SequentialMLP experts; runs on CPU).
+    use_te=True:  megatron-core's Transformer Engine spec; experts use grouped GEMM
+                  when ``transformer_config.moe_grouped_gemm`` is set (see model/gpt.py).
+    With ``stgc_config.enabled`` the block spec is handed to
+    ``megatron_stgc.stgc.spec.apply_stgc``, which returns the STGC variant.
+    """
+    block_spec = get_gpt_decoder_block_spec(
+        transformer_config,
+        use_transformer_engine=use_te,
+        normalization=transformer_config.normalization,
+    )
+    if stgc_config is not None and stgc_config.enabled:
+        from megatron_stgc.stgc.spec import apply_stgc
+
+        block_spec = apply_stgc(block_spec, transformer_config, stgc_config)
+    return block_spec

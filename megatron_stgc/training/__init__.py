@@ -1,0 +1,1 @@
+"""Training: model/optimizer setup, one step, the loop, checkpoints, logging."""

@@ -1,0 +1,96 @@
+"""Model + DDP + optimizer + LR scheduler for a RunConfig (megatron-core pieces only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_stgc.config import RunConfig
+from megatron_stgc.model.gpt import build_gpt_model
+
+
+@dataclass
+class TrainingObjects:
+    """What one rank trains with. ``model`` is a list of DDP-wrapped chunks (one, PP=1)."""
+
+    model: list[DistributedDataParallel]
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    transformer_config: TransformerConfig
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The GPTModel inside DDP (for hooks, state dicts, inspection)."""
+        return self.model[0].module
+
+
+def wrap_ddp(model: torch.nn.Module, config: RunConfig) -> DistributedDataParallel:
+    """megatron-core DDP: fp32 grad buffers (main grads), DP/expert-DP all-reduce."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def optimizer_config_from(config: RunConfig) -> OptimizerConfig:
+    t = config.training
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        clip_grad=t.clip_grad,
+        bf16=config.precision.bf16,
+        params_dtype=torch.bfloat16 if config.precision.bf16 else torch.float32,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+    )
+
+
+def build_scheduler(optimizer: MegatronOptimizer, config: RunConfig) -> OptimizerParamScheduler:
+    t = config.training
+    warmup = int(t.lr_warmup_fraction * t.train_iters)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup > 0 else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=t.train_iters,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_iters,
+        wd_incr_style="constant",
+    )
+
+
+def build_model_and_optimizer(config: RunConfig, vocab_size: int) -> TrainingObjects:
+    """Build this rank's model (DDP-wrapped), optimizer and LR scheduler in-process.
+
+    Call after ``parallel.initialize_distributed`` and
+    ``parallel.initialize_model_parallel``. The model's TransformerConfig gets
+    megatron-core's gradient finalisation (DP / expert-DP all-reduce, layer-norm
+    and embedding grads), ``no_sync`` for gradient accumulation and the
+    optimizer's loss scaling, so ``get_forward_backward_func()`` runs the full
+    step. STGC (``config.stgc.enabled``) enters through the layer spec.
+    """
+    gpt = build_gpt_model(config, vocab_size)
+    ddp = wrap_ddp(gpt, config)
+    model = [ddp]
+    optimizer = get_megatron_optimizer(optimizer_config_from(config), model)
+    transformer_config = gpt.config
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    transformer_config.no_sync_func = ddp.no_sync
+    transformer_config.grad_scale_func = optimizer.scale_loss
+    return TrainingObjects(model, optimizer, build_scheduler(optimizer, config), transformer_config)

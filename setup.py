@@ -1,0 +1,29 @@
+"""megatron_stgc: STGC (arXiv 2406.19905) for Mixture-of-Experts models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_stgc",
+    version="0.1.0",
+    description="Solving Token Gradient Conflict (STGC) for MoE models, a megatron-core plug-in",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_stgc", "megatron_stgc.*"]),
+    install_requires=[
+        "torch==2.13.0",
+        # 0.16.1 is the newest megatron-core that installs on Python 3.11 (0.17 needs 3.12);
+        # CI installs and tests 0.16.1.
+        "megatron-core>=0.16.1,<0.20",
+        "sentencepiece",
+        "pyyaml",
+        "numpy",
+    ],
+    extras_require={
+        # GPU extras; apex comes from the NGC PyTorch container.
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "test": ["pytest"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["megatron-stgc=megatron_stgc.cli:main"]},
+)
