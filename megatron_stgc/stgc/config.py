@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("single-pass", "two-pass")
-ESTIMATORS = ("exact", "sketch")
+ESTIMATORS = ("exact", "lowrank")
 NORMALIZATIONS = ("pairs", "tokens")
 
 
@@ -46,9 +46,10 @@ class STGCConfig:
     mode:           "single-pass" (flags found and L_token applied inside one
                     backward) or "two-pass" (the paper's recipe: a backward to find
                     conflicting tokens, then the step with L_token added).
-    estimator:      "exact" per-token cosines, or "sketch": the cosine against a
-                    random low-rank sketch of the mean gradient (cheaper).
-    sketch_rank:    columns of the sketch when estimator == "sketch".
+    estimator:      "exact" per-token cosines, or "lowrank": the cosine against the
+                    mean gradient projected on its top-r output subspace (found by a
+                    randomized range finder; cheaper for wide experts).
+    estimator_rank: r for the "lowrank" estimator.
     normalization:  N in L_token = -(1/(N*E)) sum log softmax(-z)[e]:
                     "pairs" = number of conflicting (token, expert) pairs (default),
                     "tokens" = number of distinct tokens with at least one conflict.
@@ -60,7 +61,7 @@ class STGCConfig:
     layers: str | None = None
     mode: str = "single-pass"
     estimator: str = "exact"
-    sketch_rank: int = 64
+    estimator_rank: int = 64
     normalization: str = "pairs"
 
     def validate(self) -> None:
@@ -76,8 +77,8 @@ class STGCConfig:
             raise ValueError(f"--stgc-beta must be >= 0, got {self.beta}")
         if not -1.0 <= self.tau <= 1.0:
             raise ValueError(f"--stgc-tau must lie in [-1, 1], got {self.tau}")
-        if self.sketch_rank < 1:
-            raise ValueError(f"--stgc-sketch-rank must be >= 1, got {self.sketch_rank}")
+        if self.estimator_rank < 1:
+            raise ValueError(f"--stgc-estimator-rank must be >= 1, got {self.estimator_rank}")
 
     def layer_set(self, num_layers: int) -> frozenset[int]:
         return parse_layer_ranges(self.layers, num_layers)

@@ -1,0 +1,141 @@
+"""Capture each expert linear's inputs (forward) and output gradients (backward).
+
+Module forward hooks on the experts' linear_fc1 / linear_fc2 keep a detached
+reference to the layer input (the same storage autograd saves anyway) and put a
+tensor hook on the output that keeps dL/d(output) when backward reaches it. The
+captures of one forward live in one ``ExpertCapture`` owned by that forward's
+``ConflictRecord``, so two micro-batches in flight never mix, and a forward under
+``no_grad`` (the first pass of activation recompute) captures nothing.
+
+Works for megatron-core's SequentialMLP (one MLP per local expert) and
+TEGroupedMLP (one grouped linear for all local experts, rows split per expert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from megatron_stgc.stgc.math import LinearGrads
+
+LINEAR_NAMES = ("linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LinearTap:
+    """One linear's capture for one forward: inputs now, output grads later."""
+
+    inputs: torch.Tensor | None = None  # [rows, in]
+    output_grads: torch.Tensor | None = None  # [rows, out]
+    row_splits: list[int] | None = None  # grouped linears: rows per local expert (maybe padded)
+
+    def keep_output_grad(self, grad: torch.Tensor) -> None:
+        self.output_grads = grad.detach()
+
+
+@dataclass
+class ExpertCapture:
+    """Captured linears of one forward: taps[(expert_slot, linear_name)]."""
+
+    taps: dict[tuple[int, str], LinearTap] = field(default_factory=dict)
+
+    def tap(self, slot: int, name: str) -> LinearTap:
+        return self.taps.setdefault((slot, name), LinearTap())
+
+    def per_expert_linears(
+        self,
+        tokens_per_expert: list[int],
+        probs: torch.Tensor,
+        has_bias: dict[str, bool],
+        fc2_bias_scaled_by_prob: bool,
+    ) -> list[list[LinearGrads]]:
+        """fp32 LinearGrads for each local expert, rows aligned with the dispatched rows."""
+        probs = probs.float()
+        prob_chunks = torch.split(probs, tokens_per_expert)
+        experts = []
+        for expert, num_rows in enumerate(tokens_per_expert):
+            linears = []
+            for name in LINEAR_NAMES:
+                inputs, grads = self._rows_of(expert, name, tokens_per_expert)
+                coef = None
+                if has_bias[name]:
+                    scaled = name == "linear_fc2" and fc2_bias_scaled_by_prob
+                    coef = prob_chunks[expert] if scaled else torch.ones(num_rows, device=probs.device)
+                linears.append(LinearGrads(inputs.float(), grads.float(), coef))
+            experts.append(linears)
+        return experts
+
+    def _rows_of(self, expert: int, name: str, tokens_per_expert: list[int]):
+        if (expert, name) in self.taps:  # one module per expert (SequentialMLP)
+            tap = self.taps[(expert, name)]
+            return tap.inputs, self._grads(tap, name)
+        tap = self.taps.get((-1, name))  # one grouped module (TEGroupedMLP)
+        if tap is None:
+            raise RuntimeError(f"STGC: no capture for expert {expert} {name}; hooks not attached?")
+        splits = tap.row_splits or tokens_per_expert
+        start = sum(splits[:expert])
+        rows = slice(start, start + tokens_per_expert[expert])  # drop quantization padding
+        return tap.inputs[rows], self._grads(tap, name)[rows]
+
+    @staticmethod
+    def _grads(tap: LinearTap, name: str) -> torch.Tensor:
+        if tap.output_grads is None:
+            raise RuntimeError(
+                f"STGC: {name} output gradient was not captured before the expert backward ended"
+            )
+        return tap.output_grads
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def attach_capture_hooks(experts: torch.nn.Module, current_capture: Callable[[], ExpertCapture | None]):
+    """Register forward hooks on the experts' linears; returns the hook handles.
+
+    ``current_capture()`` returns the capture of the forward in progress (or None).
+    """
+    handles = []
+    for slot, name, module in iter_expert_linears(experts):
+
+        def hook(mod, args, output, slot=slot, name=name):
+            capture = current_capture()
+            out = _output_tensor(output)
+            if capture is None or not torch.is_grad_enabled() or not out.requires_grad:
+                return
+            tap = capture.tap(slot, name)
+            tap.inputs = args[0].detach()
+            if slot == -1 and len(args) > 1:
+                tap.row_splits = [int(n) for n in args[1]]
+            out.register_hook(tap.keep_output_grad)
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def iter_expert_linears(experts: torch.nn.Module):
+    """(slot, linear_name, module): slot = local expert index, or -1 for grouped linears."""
+    local_experts = getattr(experts, "local_experts", None)
+    if local_experts is not None:  # SequentialMLP
+        for slot, mlp in enumerate(local_experts):
+            for name in LINEAR_NAMES:
+                yield slot, name, getattr(mlp, name)
+        return
+    if all(hasattr(experts, name) for name in LINEAR_NAMES):  # TEGroupedMLP
+        for name in LINEAR_NAMES:
+            yield -1, name, getattr(experts, name)
+        return
+    raise NotImplementedError(
+        f"STGC cannot attach to experts of type {type(experts).__name__}; "
+        "supported: SequentialMLP (local spec) and TEGroupedMLP (TE spec, --moe-grouped-gemm)"
+    )
+
+
+def expert_linear_has_bias(experts: torch.nn.Module) -> dict[str, bool]:
+    biases = {}
+    for _, name, module in iter_expert_linears(experts):
+        bias = getattr(module, "bias", None)
+        biases[name] = isinstance(bias, torch.Tensor) and bias.numel() > 0
+    return biases

@@ -1,0 +1,122 @@
+"""Expert rank: per-row cos(g_n, g_mean) for the local experts, expert-parallel.
+
+Runs inside the backward of the join node (after all local experts' backward):
+  1. G = sum_n g_n per expert and linear, from the captured rows (fp32);
+  2. all-reduce G over the expert-data-parallel group -> the mean over the global
+     micro-batch (the 1/N does not change a cosine);
+  3. per-row ||g_n||^2 and <g_n, G>;
+  4. cos per row, NaN where a row is padding (prob 0) or its gradient is zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_stgc.stgc import math as stgc_math
+from megatron_stgc.stgc.math import LinearGrads
+
+
+@dataclass
+class ExpertResult:
+    row_cos: torch.Tensor  # [R] rows in the experts' order
+    tokens_per_expert: torch.Tensor  # [local_E] rows judged (global over expert-DP)
+    consistency: torch.Tensor | None  # [local_E] mean pairwise cosine, or None
+
+
+def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _global_weight_grads(experts: list[list[LinearGrads]], expert_dp_group):
+    """[(G_W, G_b)] per expert per linear, summed over expert-DP replicas (one all-reduce)."""
+    sums = [
+        (stgc_math.weight_grad_sum(lin), stgc_math.bias_grad_sum(lin))
+        for linears in experts
+        for lin in linears
+    ]
+    flat_pieces = [t.reshape(-1) for pair in sums for t in pair if t is not None]
+    if not flat_pieces:
+        return [[] for _ in experts]
+    flat = _all_reduce(torch.cat(flat_pieces), expert_dp_group)
+    reduced = iter(torch.split(flat, [p.numel() for p in flat_pieces]))
+    out = []
+    for linears in experts:
+        per_linear = []
+        for lin in linears:
+            g_w = next(reduced).view(lin.output_grads.shape[1], lin.inputs.shape[1])
+            g_b = next(reduced) if lin.bias_coef is not None else None
+            per_linear.append((g_w, g_b))
+        out.append(per_linear)
+    return out
+
+
+def _row_stats(linears, grads, estimator: str, rank: int, generator):
+    sq_norms = sum(stgc_math.token_grad_sq_norms(lin) for lin in linears)
+    dots = torch.zeros_like(sq_norms)
+    for lin, (g_w, g_b) in zip(linears, grads):
+        if estimator == "lowrank":
+            basis = stgc_math.lowrank_basis(g_w, rank, generator)
+            dots = dots + stgc_math.token_grad_dots_lowrank(lin, g_w, g_b, basis)
+        else:
+            dots = dots + stgc_math.token_grad_dots(lin, g_w, g_b)
+    return sq_norms, dots
+
+
+def _mean_sq_norm(grads) -> torch.Tensor:
+    total = torch.zeros(())
+    for g_w, g_b in grads:
+        total = total + g_w.square().sum()
+        if g_b is not None:
+            total = total + g_b.square().sum()
+    return total
+
+
+def _consistency(linears, inv_norms: torch.Tensor, expert_dp_group) -> torch.Tensor:
+    pieces = []
+    for lin in linears:
+        pieces.append(stgc_math.normalized_grad_sum_weight(lin, inv_norms).reshape(-1))
+        s_b = stgc_math.normalized_grad_sum_bias(lin, inv_norms)
+        if s_b is not None:
+            pieces.append(s_b)
+    normalized_sum = _all_reduce(torch.cat(pieces), expert_dp_group)
+    return normalized_sum.square().sum()
+
+
+def expert_row_cosines(
+    experts: list[list[LinearGrads]],
+    row_probs: torch.Tensor,
+    expert_dp_group,
+    estimator: str = "exact",
+    rank: int = 64,
+    seed: int = 0,
+    with_consistency: bool = False,
+) -> ExpertResult:
+    """cos(g_n, g_mean) for every dispatched row of the local experts.
+
+    experts: per local expert, its LinearGrads (rows = that expert's dispatched rows)
+    row_probs: [R] routing prob of every row (0 marks quantization padding rows)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    grads = _global_weight_grads(experts, expert_dp_group)
+    row_cos, counts, consistency = [], [], []
+    for linears, expert_grads in zip(experts, grads):
+        sq_norms, dots = _row_stats(linears, expert_grads, estimator, rank, generator)
+        mean_sq = _mean_sq_norm(expert_grads)
+        row_cos.append(stgc_math.cosines_from_stats(sq_norms, dots, mean_sq))
+        counts.append((sq_norms > 0).sum())
+        if with_consistency:
+            norms = sq_norms.sqrt()
+            inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+            consistency.append(_consistency(linears, inv, expert_dp_group))
+    cos = torch.cat(row_cos) if row_cos else row_probs.new_zeros(0, dtype=torch.float32)
+    cos = torch.where(row_probs.float() != 0, cos, torch.full_like(cos, float("nan")))
+    num_tokens = _all_reduce(torch.stack(counts).float(), expert_dp_group) if counts else None
+    result = ExpertResult(cos, num_tokens, None)
+    if with_consistency and consistency:
+        result.consistency = stgc_math.gradient_consistency(torch.stack(consistency), num_tokens)
+    return result

@@ -1,0 +1,159 @@
+"""The STGC math as plain torch functions: no hooks, no process groups.
+
+Notation (one expert, one linear layer y = W x + c * b inside it):
+    X: [N, in]   the layer's inputs for the N tokens the expert holds
+    D: [N, out]  dL/dy for those tokens (captured in backward)
+    c: [N]       how the bias enters token n (1 for fc1; megatron-core multiplies the
+                 fc2 bias by the routing prob, so c = prob there); None without bias
+Token n's gradient w.r.t. (W, b) is rank one: g_n = (D_n X_n^T, c_n D_n), so
+    ||g_n||^2      = ||D_n||^2 (||X_n||^2 + c_n^2)
+    <g_n, G>       = D_n^T G_W X_n + c_n D_n . G_b      (G = sum_n g_n)
+and summing those over all the expert's linears gives cos(g_n, g_mean) without ever
+forming a per-token gradient. The cosine does not depend on the 1/N in g_mean.
+All functions compute in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LinearGrads:
+    """What one linear layer of one expert contributes (fp32)."""
+
+    inputs: torch.Tensor  # X [N, in]
+    output_grads: torch.Tensor  # D [N, out]
+    bias_coef: torch.Tensor | None = None  # c [N]; None when the linear has no bias
+
+
+def weight_grad_sum(lin: LinearGrads) -> torch.Tensor:
+    """G_W = sum_n D_n X_n^T = D^T X  -> [out, in]."""
+    return lin.output_grads.t() @ lin.inputs
+
+
+def bias_grad_sum(lin: LinearGrads) -> torch.Tensor | None:
+    """G_b = sum_n c_n D_n -> [out], or None without bias."""
+    if lin.bias_coef is None:
+        return None
+    return lin.bias_coef @ lin.output_grads
+
+
+def token_grad_sq_norms(lin: LinearGrads) -> torch.Tensor:
+    """||g_n||^2 restricted to this linear -> [N]."""
+    x_sq = lin.inputs.square().sum(dim=1)
+    if lin.bias_coef is not None:
+        x_sq = x_sq + lin.bias_coef.square()
+    return lin.output_grads.square().sum(dim=1) * x_sq
+
+
+def token_grad_dots(
+    lin: LinearGrads, g_weight: torch.Tensor, g_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """<g_n, G> restricted to this linear -> [N]. g_weight: [out, in], g_bias: [out]."""
+    projected = lin.inputs @ g_weight.t()  # [N, out] = G X_n for every n
+    dots = (projected * lin.output_grads).sum(dim=1)
+    if g_bias is not None:
+        dots = dots + lin.bias_coef * (lin.output_grads @ g_bias)
+    return dots
+
+
+def cosines_from_stats(
+    sq_norms: torch.Tensor, dots: torch.Tensor, mean_sq_norm: torch.Tensor
+) -> torch.Tensor:
+    """cos_n = <g_n, G> / (||g_n|| ||G||); NaN where either norm is zero -> [N]."""
+    denom = (sq_norms * mean_sq_norm).sqrt()
+    cos = dots / denom
+    return torch.where(denom > 0, cos, torch.full_like(cos, float("nan")))
+
+
+def expert_token_cosines(linears: list[LinearGrads]) -> torch.Tensor:
+    """cos(g_n, g_mean) over all of one expert's linears, single replica -> [N].
+
+    The reference composition of the functions above; the expert-parallel code
+    runs the same steps with G all-reduced across expert replicas in between.
+    """
+    sq_norms = sum(token_grad_sq_norms(lin) for lin in linears)
+    mean_sq, dots = 0.0, 0.0
+    for lin in linears:
+        g_w, g_b = weight_grad_sum(lin), bias_grad_sum(lin)
+        mean_sq = mean_sq + g_w.square().sum() + (g_b.square().sum() if g_b is not None else 0.0)
+        dots = dots + token_grad_dots(lin, g_w, g_b)
+    return cosines_from_stats(sq_norms, dots, torch.as_tensor(mean_sq))
+
+
+def conflict_mask(cos: torch.Tensor, tau: float) -> torch.Tensor:
+    """A pair conflicts when cos < tau; NaN (not judged) never conflicts."""
+    return cos < tau
+
+
+def lowrank_basis(g_weight: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """Orthonormal U [out, r] spanning G's dominant column space (one power step)."""
+    out_dim, in_dim = g_weight.shape
+    rank = min(rank, out_dim, in_dim)
+    probe = torch.randn(in_dim, rank, generator=generator, dtype=g_weight.dtype)
+    range_sample = g_weight @ (g_weight.t() @ (g_weight @ probe))  # [out, r]
+    basis, _ = torch.linalg.qr(range_sample)
+    return basis
+
+
+def token_grad_dots_lowrank(
+    lin: LinearGrads, g_weight: torch.Tensor, g_bias: torch.Tensor | None, basis: torch.Tensor
+) -> torch.Tensor:
+    """<g_n, G> with G_W replaced by U U^T G_W (U: [out, r]) -> [N].
+
+    Costs N*r*(in+out) instead of N*in*out.
+    """
+    core = basis.t() @ g_weight  # [r, in]
+    dots = ((lin.inputs @ core.t()) * (lin.output_grads @ basis)).sum(dim=1)
+    if g_bias is not None:
+        dots = dots + lin.bias_coef * (lin.output_grads @ g_bias)
+    return dots
+
+
+def normalized_grad_sum_weight(lin: LinearGrads, inv_norms: torch.Tensor) -> torch.Tensor:
+    """sum_n g_n(W) / ||g_n|| -> [out, in] (inv_norms: [N], 0 where ||g_n|| = 0)."""
+    return (lin.output_grads * inv_norms[:, None]).t() @ lin.inputs
+
+
+def normalized_grad_sum_bias(lin: LinearGrads, inv_norms: torch.Tensor) -> torch.Tensor | None:
+    if lin.bias_coef is None:
+        return None
+    return (lin.bias_coef * inv_norms) @ lin.output_grads
+
+
+def gradient_consistency(normalized_sum_sq: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean of the N x N cosine matrix of an expert's token gradients.
+
+    mean_{n,m} cos(g_n, g_m) = ||sum_n g_n/||g_n||||^2 / N^2 (diagonal included).
+    """
+    return normalized_sum_sq / num_tokens.clamp(min=1).square()
+
+
+def inverted_nll_sum(logits: torch.Tensor, conflicts: torch.Tensor) -> torch.Tensor:
+    """-sum_{(n,e) conflicting} log softmax(-z_n)[e] (fp32).
+
+    logits: [T, E] router logits z; conflicts: [T, E] bool.
+    """
+    inverted_log_probs = torch.log_softmax(-logits.float(), dim=-1)
+    return -inverted_log_probs.masked_fill(~conflicts, 0.0).sum()
+
+
+def conflict_elimination_loss(
+    logits: torch.Tensor, conflicts: torch.Tensor, normalizer: float | torch.Tensor
+) -> torch.Tensor:
+    """L_token = -(1/(N*E)) * sum_{(n,e) conflicting} log softmax(-z_n)[e].
+
+    logits:     [T, E] router logits z (computed in fp32)
+    conflicts:  [T, E] bool, True for each conflicting (token, assigned expert) pair
+    normalizer: N (number of conflicting pairs, or of tokens; see STGCConfig); N = 0
+                (no conflicts) gives 0.
+
+    This is Eq. 10 of the paper with the minus sign its stated intent needs:
+    minimising it LOWERS softmax(z)[e] for the conflicting pair (d/dz_e > 0).
+    """
+    num_experts = logits.shape[-1]
+    normalizer = torch.as_tensor(normalizer, dtype=torch.float32).clamp(min=1.0)
+    return inverted_nll_sum(logits, conflicts) / (normalizer * num_experts)
