@@ -61,9 +61,9 @@ def build_stgc_layer(config: TransformerConfig, stgc: STGCConfig, seed: int = 12
     spec = stgc_moe_spec(get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts), stgc)
     layer = build_module(spec, config=config, layer_number=1)
     if config.add_bias_linear:
-        from megatron_stgc.model.expert_bias import fix_expert_bias_inplace
+        from megatron_stgc.model.expert_bias import install_expert_bias_fix
 
-        fix_expert_bias_inplace(layer)
+        install_expert_bias_fix(layer)
         with torch.no_grad():  # megatron initialises biases to zero; make them count
             for name, param in layer.named_parameters():
                 if name.endswith("bias") and "router" not in name:
@@ -112,3 +112,55 @@ def oracle_pair_cosines(layer, hidden: torch.Tensor, loss_weights: torch.Tensor)
             if denom > 0:
                 cos[n, e] = (g @ mean) / denom
     return cos, routing_map
+
+
+# ---------------------------------------------------------------------------------
+# Multi-process runs: real gloo processes, real megatron-core process groups.
+
+def _rank_main(rank, world_size, port, ep_size, fn, args, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep_size)
+    try:
+        result = fn(*args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, ep_size: int, args: tuple, out_dir: str) -> list:
+    """Run fn(*args) on world_size gloo processes; returns each rank's result."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _rank_main,
+        args=(world_size, free_port(), ep_size, fn, args, out_dir),
+        nprocs=world_size,
+        join=True,
+    )
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+
+
+def global_layer_state(config: TransformerConfig, seed: int = 1234) -> dict:
+    """Router and per-global-expert weights of a layer built at EP=1 (reference weights)."""
+    layer = build_stgc_layer(config, STGCConfig(enabled=True), seed=seed)
+    return {name: p.detach().clone() for name, p in layer.state_dict().items() if torch.is_tensor(p)}
+
+
+def load_global_state(layer, state: dict) -> None:
+    """Load EP=1 weights into a layer whose experts are a slice of the global ones."""
+    offset = layer.local_expert_indices[0]
+    own = layer.state_dict()
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if not torch.is_tensor(tensor):
+                continue
+            source = name
+            if ".local_experts." in name:
+                head, tail = name.split(".local_experts.", 1)
+                index, rest = tail.split(".", 1)
+                source = f"{head}.local_experts.{int(index) + offset}.{rest}"
+            tensor.copy_(state[source])

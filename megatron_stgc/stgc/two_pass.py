@@ -1,0 +1,79 @@
+"""The paper's two-pass recipe, kept as the reference for single-pass and for benchmarks.
+
+Pass 1 (identify): forward + backward of every micro-batch; each STGC layer finds its
+conflicting pairs and queues them; the router gets no L_token; the gradients are
+then thrown away (no parameter update). Pass 2 (apply): forward + backward of the
+same micro-batches in the same order; each layer applies L_token with pass 1's
+conflicts. The parameter gradients equal single-pass's (same routing, same flags).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_stgc.stgc.layer import STGCMoELayer
+from megatron_stgc.stgc.record import APPLY, IDENTIFY, SINGLE_PASS
+
+
+def stgc_layers(model) -> Iterator[STGCMoELayer]:
+    """Every STGCMoELayer in a module or a list of model chunks."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, STGCMoELayer):
+                yield module
+
+
+@contextmanager
+def stgc_mode(model, mode: str):
+    """Run the enclosed forwards/backwards in one STGC mode, then back to single-pass."""
+    layers = list(stgc_layers(model))
+    for layer in layers:
+        layer.stgc.mode = mode
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.stgc.mode = SINGLE_PASS
+
+
+def two_pass_forward_backward(
+    model, forward_backward: Callable[[], object], zero_grads: Callable[[], None]
+):
+    """Identify with one forward_backward(), drop its gradients, apply with a second.
+
+    forward_backward runs every micro-batch of the step (forward and backward) and
+    must replay the same micro-batches both times; zero_grads clears the gradients
+    (e.g. DDP's zero_grad_buffer). Returns what the second call returns.
+    """
+    with stgc_mode(model, IDENTIFY) as layers:
+        forward_backward()
+        zero_grads()
+    with stgc_mode(model, APPLY):
+        result = forward_backward()
+    leftover = [layer.stgc.layer_number for layer in layers if layer.stgc.identified]
+    for layer in layers:
+        layer.stgc.identified.clear()
+    if leftover:
+        raise RuntimeError(
+            f"STGC two-pass: layers {leftover} saw fewer micro-batches in the apply pass "
+            "than in the identify pass"
+        )
+    return result
+
+
+def set_consistency_collection(model, enabled: bool) -> None:
+    """Compute gradient consistency (one extra GEMM per expert linear) in the next backwards."""
+    for layer in stgc_layers(model):
+        layer.stgc.collect_consistency = enabled
+
+
+def zero_module_grads(model) -> None:
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        for param in chunk.parameters():
+            param.grad = None
+            if hasattr(param, "main_grad") and param.main_grad is not None:
+                torch.nn.init.zeros_(param.main_grad)

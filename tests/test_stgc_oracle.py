@@ -1,0 +1,56 @@
+"""STGC's cosines and flags against per-token gradients computed the slow way."""
+
+import pytest
+import torch
+
+from stgc_utils import (
+    STGCConfig,
+    build_stgc_layer,
+    init_single_process,
+    moe_config,
+    oracle_pair_cosines,
+)
+
+CASES = [
+    # (topk, gated, bias, capacity_factor)
+    (2, False, False, None),
+    (1, True, False, None),
+    (2, True, False, None),
+    (2, False, True, None),
+    (1, True, True, None),
+    (2, True, True, 0.8),  # token dropping
+    (1, False, False, 0.6),
+]
+
+
+@pytest.mark.parametrize("topk,gated,bias,capacity", CASES)
+def test_cosines_and_flags_match_per_token_gradients(topk, gated, bias, capacity):
+    init_single_process()
+    config = moe_config(
+        moe_router_topk=topk, gated_linear_unit=gated, add_bias_linear=bias,
+        moe_expert_capacity_factor=capacity,
+    )
+    tau = 0.0
+    layer = build_stgc_layer(config, STGCConfig(enabled=True, tau=tau))
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(64, 4, 16, generator=gen)  # 256 tokens, ~128 per expert at top-2
+    weights = torch.randn(64, 4, 16, generator=gen)
+
+    out, _ = layer(hidden)
+    (out * weights).sum().backward()
+    report = layer.stgc.last
+    expected, routing_map = oracle_pair_cosines(layer, hidden, weights)
+
+    assert torch.equal(report.routing_map, routing_map)
+    if capacity is not None:
+        assert routing_map.sum() < routing_map.shape[0] * topk  # some pairs were dropped
+    # Same pairs judged (NaN = not routed / dropped / zero gradient).
+    assert torch.equal(torch.isnan(report.cos), torch.isnan(expected))
+    judged = ~torch.isnan(expected)
+    assert judged.sum() > 0
+    assert torch.allclose(report.cos.double()[judged], expected[judged], atol=1e-5, rtol=0)
+    # Flags agree away from the threshold, and both sides of tau are populated.
+    clear = judged & ((expected - tau).abs() > 1e-4)
+    assert torch.equal(report.conflicts[clear], (expected[clear] < tau))
+    assert report.conflicts.any() and (judged & ~report.conflicts).any()
+    assert not report.conflicts[~routing_map].any()
