@@ -108,8 +108,9 @@ class STGCMoELayer(MoELayer):
         record.capture = None
         record.cos_map = record.route.to_router_ranks(result.row_cos)
         if result.consistency is not None:
-            self.stgc.sums.consistency_sum += float(result.consistency.sum())
-            self.stgc.sums.consistency_count += result.consistency.numel()
+            defined = ~torch.isnan(result.consistency)
+            self.stgc.sums.consistency_sum += float(result.consistency[defined].sum())
+            self.stgc.sums.consistency_count += int(defined.sum())
 
 
 class _AfterExpertsBackward(torch.autograd.Function):

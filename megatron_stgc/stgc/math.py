@@ -125,11 +125,17 @@ def normalized_grad_sum_bias(lin: LinearGrads, inv_norms: torch.Tensor) -> torch
 
 
 def gradient_consistency(normalized_sum_sq: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """Mean of the N x N cosine matrix of an expert's token gradients.
+    """Mean cosine between the gradients of two different tokens of an expert.
 
-    mean_{n,m} cos(g_n, g_m) = ||sum_n g_n/||g_n||||^2 / N^2 (diagonal included).
+    mean_{n != m} cos(g_n, g_m) = (||sum_n g_n/||g_n||||^2 - N) / (N (N - 1)).
+    The paper's "mean of the cosine-similarity matrix" also counts the diagonal
+    (||S||^2 / N^2), which adds 1/N: an expert holding one token would score 1.0
+    and the average over experts would track token counts, not agreement. Off the
+    diagonal it measures agreement only. NaN for experts with fewer than 2 tokens.
     """
-    return normalized_sum_sq / num_tokens.clamp(min=1).square()
+    pairs = num_tokens * (num_tokens - 1)
+    value = (normalized_sum_sq - num_tokens) / pairs.clamp(min=1)
+    return torch.where(num_tokens >= 2, value, torch.full_like(value, float("nan")))
 
 
 def inverted_nll_sum(logits: torch.Tensor, conflicts: torch.Tensor) -> torch.Tensor:

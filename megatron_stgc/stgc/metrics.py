@@ -1,0 +1,65 @@
+"""STGC metrics per layer, reduced over all ranks (pipeline stages included).
+
+Logged names (means over the steps since the last collect):
+  stgc/token_loss              L_token (before beta)
+  stgc/conflict_fraction       conflicting pairs / judged (routed, nonzero-gradient) pairs
+  stgc/conflict_routing_score  mean softmax(z)[e] of conflicting pairs (paper Fig. 3a)
+  stgc/gradient_consistency    mean pairwise cosine of an expert's token gradients,
+                               averaged over experts (paper Fig. 3b); only for backwards
+                               run with set_consistency_collection(model, True)
+and the same per layer as stgc/layer{N}/..., N = megatron-core layer number (1-based).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_stgc.stgc.record import MetricSums
+from megatron_stgc.stgc.two_pass import stgc_layers
+
+_COLUMNS = ("present",) + tuple(MetricSums.__dataclass_fields__)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def _layer_values(row: dict) -> dict[str, float]:
+    present = row["present"]
+    backward = row["backward_count"] / present
+    return {
+        "token_loss": _ratio(row["token_loss"] / present, backward),
+        "conflict_fraction": _ratio(row["conflicting_pairs"], row["judged_pairs"]),
+        "conflict_routing_score": _ratio(row["conflict_score_sum"], row["conflicting_pairs"]),
+        "gradient_consistency": _ratio(row["consistency_sum"], row["consistency_count"]),
+    }
+
+
+def collect_stgc_metrics(model, num_layers: int, group=None) -> dict[str, float]:
+    """Reduce and reset every STGC layer's running sums; same result on every rank.
+
+    A collective over ``group`` (default: world): every rank must call it together.
+    """
+    table = torch.zeros(num_layers, len(_COLUMNS), dtype=torch.float64)
+    for layer in stgc_layers(model):
+        sums = layer.stgc.sums
+        row = [1.0] + [getattr(sums, name) for name in _COLUMNS[1:]]
+        table[layer.stgc.layer_number - 1] += torch.tensor(row, dtype=torch.float64)
+        layer.stgc.sums = MetricSums()
+    if dist.is_initialized():
+        dist.all_reduce(table, group=group)
+    metrics, per_name = {}, {}
+    for index in range(num_layers):
+        row = dict(zip(_COLUMNS, table[index].tolist()))
+        if row["present"] == 0 or row["backward_count"] == 0:
+            continue
+        for name, value in _layer_values(row).items():
+            metrics[f"stgc/layer{index + 1}/{name}"] = value
+            per_name.setdefault(name, []).append(value)
+    for name, values in per_name.items():
+        finite = [v for v in values if not math.isnan(v)]
+        metrics[f"stgc/{name}"] = sum(finite) / len(finite) if finite else math.nan
+    return metrics
