@@ -30,9 +30,8 @@ class LinearTap:
     inputs: torch.Tensor | None = None  # [rows, in]
     output_grads: torch.Tensor | None = None  # [rows, out]
     row_splits: list[int] | None = None  # grouped linears: rows per local expert (maybe padded)
-
-    def keep_output_grad(self, grad: torch.Tensor) -> None:
-        self.output_grads = grad.detach()
+    weight_grad: torch.Tensor | None = None  # this backward's dL/dW, as autograd computed it
+    bias_grad: torch.Tensor | None = None
 
 
 @dataclass
@@ -40,6 +39,7 @@ class ExpertCapture:
     """Captured linears of one forward: taps[(expert_slot, linear_name)]."""
 
     taps: dict[tuple[int, str], LinearTap] = field(default_factory=dict)
+    closed: bool = False  # set once the expert side has used it
 
     def tap(self, slot: int, name: str) -> LinearTap:
         return self.taps.setdefault((slot, name), LinearTap())
@@ -63,7 +63,13 @@ class ExpertCapture:
                 if has_bias[name]:
                     scaled = name == "linear_fc2" and fc2_bias_scaled_by_prob
                     coef = prob_chunks[expert] if scaled else torch.ones(num_rows, device=probs.device)
-                linears.append(LinearGrads(inputs.float(), grads.float(), coef))
+                lin = LinearGrads(inputs.float(), grads.float(), coef)
+                tap = self.taps.get((expert, name))
+                if tap is not None and tap.weight_grad is not None:
+                    lin.known_weight_grad = tap.weight_grad.float()
+                    if coef is not None:
+                        lin.known_bias_grad = None if tap.bias_grad is None else tap.bias_grad.float()
+                linears.append(lin)
             experts.append(linears)
         return experts
 
@@ -92,11 +98,20 @@ def _output_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def attach_capture_hooks(experts: torch.nn.Module, current_capture: Callable[[], ExpertCapture | None]):
-    """Register forward hooks on the experts' linears; returns the hook handles.
+def attach_capture_hooks(
+    experts: torch.nn.Module,
+    current_capture: Callable[[], ExpertCapture | None],
+    reuse_weight_grads: bool,
+):
+    """Register the capture hooks on the experts' linears; returns the hook handles.
 
     ``current_capture()`` returns the capture of the forward in progress (or None).
+    reuse_weight_grads: also keep the weight gradient autograd computes for each
+    expert linear (a tensor hook on the parameter), so that G need not be formed
+    again. Only valid when the linear returns its real weight gradient to autograd
+    (megatron-core local linears without gradient_accumulation_fusion).
     """
+    in_backward = _BackwardCapture()
     handles = []
     for slot, name, module in iter_expert_linears(experts):
 
@@ -109,10 +124,36 @@ def attach_capture_hooks(experts: torch.nn.Module, current_capture: Callable[[],
             tap.inputs = args[0].detach()
             if slot == -1 and len(args) > 1:
                 tap.row_splits = [int(n) for n in args[1]]
-            out.register_hook(tap.keep_output_grad)
+            out.register_hook(in_backward.output_grad_hook(capture, tap))
 
         handles.append(module.register_forward_hook(hook))
+        if reuse_weight_grads and slot != -1:
+            handles.append(module.weight.register_hook(in_backward.param_hook(slot, name, "weight_grad")))
+            if getattr(module, "bias", None) is not None:
+                handles.append(module.bias.register_hook(in_backward.param_hook(slot, name, "bias_grad")))
     return handles
+
+
+class _BackwardCapture:
+    """Which capture the expert backward in progress belongs to (one at a time)."""
+
+    def __init__(self):
+        self.capture: ExpertCapture | None = None
+
+    def output_grad_hook(self, capture: ExpertCapture, tap: LinearTap):
+        def keep(grad):
+            self.capture = capture
+            tap.output_grads = grad.detach()
+
+        return keep
+
+    def param_hook(self, slot: int, name: str, attr: str):
+        def keep(grad):
+            capture = self.capture
+            if capture is not None and not capture.closed and (slot, name) in capture.taps:
+                setattr(capture.taps[(slot, name)], attr, grad.detach())
+
+        return keep
 
 
 def iter_expert_linears(experts: torch.nn.Module):

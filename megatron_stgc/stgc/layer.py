@@ -57,7 +57,10 @@ class STGCMoELayer(MoELayer):
         self.router.stgc = self.stgc
         self._expert_dp_group = self.experts.dp_group if hasattr(self.experts, "dp_group") else None
         self._linear_has_bias = expert_linear_has_bias(self.experts)
-        self._capture_handles = attach_capture_hooks(self.experts, self._current_capture)
+        self._capture_handles = attach_capture_hooks(
+            self.experts, self._current_capture,
+            reuse_weight_grads=not config.gradient_accumulation_fusion,
+        )
 
     def set_layer_number(self, layer_number: int):
         super().set_layer_number(layer_number)
@@ -105,6 +108,7 @@ class STGCMoELayer(MoELayer):
             seed=int(self.layer_number or 0),
             with_consistency=self.stgc.collect_consistency,
         )
+        record.capture.closed = True
         record.capture = None
         record.cos_map = record.route.to_router_ranks(result.row_cos)
         if result.consistency is not None:

@@ -27,10 +27,15 @@ class LinearGrads:
     inputs: torch.Tensor  # X [N, in]
     output_grads: torch.Tensor  # D [N, out]
     bias_coef: torch.Tensor | None = None  # c [N]; None when the linear has no bias
+    # G_W and G_b when autograd already computed them (the ordinary weight gradient)
+    known_weight_grad: torch.Tensor | None = None  # [out, in]
+    known_bias_grad: torch.Tensor | None = None  # [out]
 
 
 def weight_grad_sum(lin: LinearGrads) -> torch.Tensor:
     """G_W = sum_n D_n X_n^T = D^T X  -> [out, in]."""
+    if lin.known_weight_grad is not None:
+        return lin.known_weight_grad
     return lin.output_grads.t() @ lin.inputs
 
 
@@ -38,6 +43,8 @@ def bias_grad_sum(lin: LinearGrads) -> torch.Tensor | None:
     """G_b = sum_n c_n D_n -> [out], or None without bias."""
     if lin.bias_coef is None:
         return None
+    if lin.known_bias_grad is not None:
+        return lin.known_bias_grad
     return lin.bias_coef @ lin.output_grads
 
 

@@ -77,3 +77,38 @@ def zero_module_grads(model) -> None:
             param.grad = None
             if hasattr(param, "main_grad") and param.main_grad is not None:
                 torch.nn.init.zeros_(param.main_grad)
+
+
+def two_pass_train_step(train_step, model, data_iterator, num_microbatches: int, **step_kwargs):
+    """The paper's recipe around megatron_stgc.training.step.train_step.
+
+    Pass 1 runs megatron-core's forward-backward schedule over the step's
+    micro-batches with STGC in identify mode (no optimizer step; train_step of
+    pass 2 zeroes the grad buffers first). Pass 2 is an ordinary train_step over
+    the same micro-batches with L_token from pass 1's conflicts.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = [next(data_iterator) for _ in range(num_microbatches)]
+    forward_step_func = step_kwargs.get("forward_step_func")
+    schedule_kwargs = dict(
+        num_microbatches=num_microbatches,
+        seq_length=step_kwargs["seq_length"],
+        micro_batch_size=step_kwargs["micro_batch_size"],
+    )
+    if forward_step_func is None:
+        from megatron_stgc.training.forward import gpt_forward_step as forward_step_func
+    with stgc_mode(model, IDENTIFY) as layers:
+        get_forward_backward_func()(
+            forward_step_func=forward_step_func, data_iterator=iter(batches), model=model,
+            forward_only=False, **schedule_kwargs,
+        )
+    with stgc_mode(model, APPLY):
+        result = train_step(model=model, data_iterator=iter(batches),
+                            num_microbatches=num_microbatches, **step_kwargs)
+    leftover = [layer.stgc.layer_number for layer in layers if layer.stgc.identified]
+    if leftover:
+        for layer in layers:
+            layer.stgc.identified.clear()
+        raise RuntimeError(f"STGC two-pass: layers {leftover} kept unused identify results")
+    return result
