@@ -54,3 +54,44 @@ def test_cosines_and_flags_match_per_token_gradients(topk, gated, bias, capacity
     assert torch.equal(report.conflicts[clear], (expected[clear] < tau))
     assert report.conflicts.any() and (judged & ~report.conflicts).any()
     assert not report.conflicts[~routing_map].any()
+
+
+def test_padding_tokens_are_not_judged():
+    """Tokens whose loss is masked out have zero gradient: never judged, never conflicting."""
+    init_single_process()
+    layer = build_stgc_layer(moe_config(), STGCConfig(enabled=True))
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(64, 4, 16, generator=gen)
+    weights = torch.randn(64, 4, 16, generator=gen)
+    weights[40:] = 0  # the last 24 positions of every sequence are padding
+    out, _ = layer(hidden)
+    (out * weights).sum().backward()
+    report = layer.stgc.last
+    padded = torch.zeros(64, 4, dtype=torch.bool)
+    padded[40:] = True
+    padded = padded.reshape(-1)
+    assert torch.isnan(report.cos[padded]).all()
+    assert not report.conflicts[padded].any()
+    assert report.conflicts[~padded].any()
+
+
+def test_bf16_parameters_compute_cosines_in_fp32():
+    """BF16 params and activations: STGC's arithmetic runs in fp32 on the captured
+    bf16 factors; cosines track the fp32 per-token oracle on the same bf16 weights."""
+    init_single_process()
+    config = moe_config(bf16=True, params_dtype=torch.bfloat16, gated_linear_unit=True)
+    layer = build_stgc_layer(config, STGCConfig(enabled=True))
+    assert layer.experts.local_experts[0].linear_fc1.weight.dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(64, 4, 16, generator=gen).bfloat16()
+    weights = torch.randn(64, 4, 16, generator=gen).bfloat16()
+    out, _ = layer(hidden)
+    (out.float() * weights.float()).sum().backward()
+    report = layer.stgc.last
+    assert report.cos.dtype == torch.float32
+    expected, _ = oracle_pair_cosines(layer, hidden, weights)
+    judged = ~torch.isnan(expected)
+    assert torch.equal(torch.isnan(report.cos), ~judged)
+    assert (report.cos.double()[judged] - expected[judged]).abs().max() < 0.05
+    clear = judged & ((expected).abs() > 0.05)
+    assert torch.equal(report.conflicts[clear], expected[clear] < 0)
