@@ -99,7 +99,7 @@ def conflict_mask(cos: torch.Tensor, tau: float) -> torch.Tensor:
 def lowrank_basis(g_weight: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
     """Orthonormal U [out, r] spanning G's dominant column space (one power step)."""
     out_dim, in_dim = g_weight.shape
-    rank = min(rank, out_dim, in_dim)
+    rank = min(rank, out_dim)
     probe = torch.randn(in_dim, rank, generator=generator, dtype=g_weight.dtype)
     range_sample = g_weight @ (g_weight.t() @ (g_weight @ probe))  # [out, r]
     basis, _ = torch.linalg.qr(range_sample)
@@ -109,12 +109,20 @@ def lowrank_basis(g_weight: torch.Tensor, rank: int, generator: torch.Generator)
 def token_grad_dots_lowrank(
     lin: LinearGrads, g_weight: torch.Tensor, g_bias: torch.Tensor | None, basis: torch.Tensor
 ) -> torch.Tensor:
-    """<g_n, G> with G_W replaced by U U^T G_W (U: [out, r]) -> [N].
+    """<g_n, G> with the other tokens' part of G_W projected on U U^T (U: [out, r]) -> [N].
 
-    Costs N*r*(in+out) instead of N*in*out.
+    <g_n, G> = ||D_n||^2 ||X_n||^2 (token n's own share, exact) + D_n^T (G_W - D_n X_n^T) X_n.
+    Only the second term is approximated, by D_n^T U U^T (G_W - D_n X_n^T) X_n. Projecting
+    the whole G would also shrink the always-positive self term and bias the cosine
+    towards conflict. Costs N*r*(in+out) instead of N*in*out.
     """
     core = basis.t() @ g_weight  # [r, in]
-    dots = ((lin.inputs @ core.t()) * (lin.output_grads @ basis)).sum(dim=1)
+    grads_in_basis = lin.output_grads @ basis  # [N, r]
+    x_sq = lin.inputs.square().sum(dim=1)
+    projected_all = ((lin.inputs @ core.t()) * grads_in_basis).sum(dim=1)
+    projected_self = grads_in_basis.square().sum(dim=1) * x_sq
+    exact_self = lin.output_grads.square().sum(dim=1) * x_sq
+    dots = projected_all - projected_self + exact_self
     if g_bias is not None:
         dots = dots + lin.bias_coef * (lin.output_grads @ g_bias)
     return dots
