@@ -60,8 +60,11 @@ def token_grad_dots(
     lin: LinearGrads, g_weight: torch.Tensor, g_bias: torch.Tensor | None
 ) -> torch.Tensor:
     """<g_n, G> restricted to this linear -> [N]. g_weight: [out, in], g_bias: [out]."""
-    projected = lin.inputs @ g_weight.t()  # [N, out] = G X_n for every n
-    dots = (projected * lin.output_grads).sum(dim=1)
+    out_dim, in_dim = g_weight.shape
+    if in_dim <= out_dim:  # same GEMM cost either way; keep the narrower temporary
+        dots = ((lin.output_grads @ g_weight) * lin.inputs).sum(dim=1)  # D_n^T G, [N, in]
+    else:
+        dots = ((lin.inputs @ g_weight.t()) * lin.output_grads).sum(dim=1)  # G X_n, [N, out]
     if g_bias is not None:
         dots = dots + lin.bias_coef * (lin.output_grads @ g_bias)
     return dots
