@@ -18,6 +18,7 @@ setup(
         "sentencepiece",
         "pyyaml",
         "numpy",
+        "psutil",  # megatron-core's dist_checkpointing save path needs it
     ],
     extras_require={
         # GPU extras; apex comes from the NGC PyTorch container.

@@ -77,6 +77,7 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     seed: int = 1234
+    exit_interval: Optional[int] = None  # stop (and save) after this many steps of this run
 
 
 @dataclass
@@ -378,9 +379,11 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     if config.data.tokenizer_model is not None:
         _require(os.path.isfile(config.data.tokenizer_model),
                  f"--tokenizer-model: {config.data.tokenizer_model} does not exist")
-    if config.checkpoint.load is not None:
+    if config.checkpoint.load is not None and config.checkpoint.load != config.checkpoint.save:
         _require(os.path.isdir(config.checkpoint.load),
                  f"--load: directory {config.checkpoint.load} does not exist")
+    _require(t.exit_interval is None or t.exit_interval >= 1,
+             f"--exit-interval must be >= 1, got {t.exit_interval}")
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),

@@ -40,6 +40,10 @@ Patches (all applied by ``install()``):
                           ("torch.cuda.FloatTensor", ...). While those three run,
                           a CPU tensor's ``type()`` reports the CUDA name, so CPU
                           parameters are sorted as the same dtype on GPU would be.
+* ``checkpoint_device``   dist_checkpointing's save path calls
+                          ``torch.cuda.synchronize()`` before writing and
+                          reduces its validation flag on ``device="cuda"``; on CPU
+                          synchronize is a no-op and the flag is a CPU tensor.
 """
 
 from __future__ import annotations
@@ -193,6 +197,13 @@ def _patch_optimizer_device() -> None:
         module.torch = _CpuDeviceTorch()
 
 
+def _patch_checkpoint_device() -> None:
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+
+    torch.cuda.synchronize = lambda device=None: None
+    state_dict_saver.torch = _CpuDeviceTorch()
+
+
 @contextlib.contextmanager
 def _tensor_type_reports_cuda():
     """Inside: ``cpu_tensor.type()`` names the CUDA type ("torch.cuda.FloatTensor")."""
@@ -253,6 +264,7 @@ _PATCHES = {
     "schedules_device": _patch_schedules_device,
     "optimizer_device": _patch_optimizer_device,
     "tensor_type_checks": _patch_tensor_type_checks,
+    "checkpoint_device": _patch_checkpoint_device,
 }
 
 

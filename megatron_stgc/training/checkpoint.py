@@ -1,0 +1,164 @@
+"""Distributed checkpoints with megatron-core dist_checkpointing.
+
+Layout under ``--save``::
+
+    iter_0000010/                      one dist_checkpointing directory per save
+    latest_checkpointed_iteration.txt  the newest complete iteration
+
+A checkpoint holds the model's and the optimizer's sharded state dicts (so it
+can be loaded on another DP/EP layout), the LR scheduler state, the data
+position (iteration, consumed samples) and every rank's RNG states (CPU,
+CUDA and megatron's model-parallel RNG tracker). It is written to
+``iter_XXXXXXX.tmp-<stamp>`` and published with an atomic rename by rank 0
+after every rank has finished; the tracker file is replaced atomically after
+that. A crash mid-save therefore never leaves a half-written checkpoint
+behind a tracker entry.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: completed steps and samples consumed from the data set."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The iteration in ``root``'s tracker file, or None when there is none."""
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise RuntimeError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    tmp = os.path.join(root, f".{TRACKER_FILE}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER_FILE))
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
+                   is_loading: bool) -> dict:
+    """The whole state as one sharded state dict (model, optimizer, scheduler, RNG, data)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model_state = model[0].module.sharded_state_dict()
+    return {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+        "scheduler": scheduler.state_dict(),
+        "progress": {"iteration": progress.iteration,
+                     "consumed_samples": progress.consumed_samples},
+        "format_version": FORMAT_VERSION,
+        # one RNG snapshot per global rank; a different world size gets fresh RNG
+        "rng_state": ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0),
+    }
+
+
+def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgress) -> str:
+    """Save collectively (every rank calls it); returns the published directory."""
+    rank = dist.get_rank()
+    final = checkpoint_dir(root, progress.iteration)
+    stamp = torch.tensor([int(time.time() * 1000)], dtype=torch.long)
+    dist.broadcast(stamp, src=0)
+    staging = f"{final}.tmp-{int(stamp.item())}"
+    if rank == 0:
+        os.makedirs(staging, exist_ok=False)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, scheduler, progress, is_loading=False)
+    dist_checkpointing.save(state, staging)
+    dist.barrier()
+    if rank == 0:
+        _publish(staging, final)
+        _write_tracker(root, progress.iteration)
+    dist.barrier()
+    return final
+
+
+def _publish(staging: str, final: str) -> None:
+    """Atomically move ``staging`` to ``final``; an older copy of ``final`` is
+    moved aside first and deleted only after the new one is in place."""
+    previous = None
+    if os.path.exists(final):
+        previous = f"{final}.replaced-{int(time.time() * 1000)}"
+        os.replace(final, previous)
+    os.replace(staging, final)
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler,
+                    iteration: Optional[int] = None) -> TrainProgress:
+    """Load the tracker's (or ``iteration``'s) checkpoint into model, optimizer,
+    scheduler and RNG states collectively; returns the saved progress.
+
+    Raises FileNotFoundError naming --load when there is nothing to load.
+    """
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            raise FileNotFoundError(f"--load {root}: no {TRACKER_FILE}; nothing to resume from")
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--load {root}: checkpoint directory {path} is missing")
+    template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True)
+    state = dist_checkpointing.load(template, path)
+    if state["format_version"] != FORMAT_VERSION:
+        raise RuntimeError(f"--load {path}: checkpoint format {state['format_version']}, "
+                           f"this code reads {FORMAT_VERSION}")
+    model[0].module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng_state"]
+    if rng is not None:
+        _set_rng_state(rng)
+    return TrainProgress(**state["progress"])

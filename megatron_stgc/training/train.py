@@ -1,0 +1,202 @@
+"""The training entry point: config -> parallel state -> data -> model -> steps.
+
+``run_training(config)`` is what ``megatron-stgc train`` runs on every rank
+(launched by torchrun). Everything megatron-core provides is used as is:
+parallel_state, GPTModel via layer specs, DDP + finalize_model_grads, the
+Megatron optimizer and OptimizerParamScheduler, get_forward_backward_func and
+dist_checkpointing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+from megatron_stgc import parallel
+from megatron_stgc.config import RunConfig, validate_run_config
+from megatron_stgc.data.dataset import PackedDataset, build_dataset, micro_batches
+from megatron_stgc.data.tokenizer import Tokenizer
+from megatron_stgc.training import metrics
+from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint, read_tracker,
+                                               save_checkpoint)
+from megatron_stgc.training.expert_load import ExpertLoadCounter
+from megatron_stgc.training.logging import StepLogger
+from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
+from megatron_stgc.training.step import StepResult, train_step
+
+
+def cache_dir_for(config: RunConfig) -> str:
+    """Where the trained tokenizer is cached: --cache-dir, <save>/cache, or ~/.cache."""
+    if config.data.cache_dir:
+        return config.data.cache_dir
+    if config.checkpoint.save:
+        return os.path.join(config.checkpoint.save, "cache")
+    return os.path.join(os.path.expanduser("~"), ".cache", "megatron_stgc")
+
+
+def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
+    """Build the data set on rank 0 first (it may train the tokenizer), then on the others."""
+    def build():
+        return build_dataset(
+            seq_length=config.model.seq_length, seed=config.training.seed,
+            cache_dir=cache_dir_for(config), data_path=config.data.data_path,
+            tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
+            num_samples=config.data.num_samples)
+
+    result = build() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return result if result is not None else build()
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
+    """Vocab rounded up so the embedding splits evenly over TP ranks (as Megatron pads)."""
+    step = multiple * tensor_parallel_size
+    return ((vocab_size + step - 1) // step) * step
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def num_microbatches(config: RunConfig) -> int:
+    t = config.training
+    return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
+
+
+def global_lm_loss(result: StepResult) -> float:
+    """Token-weighted mean LM loss over the whole global batch (all DP ranks)."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for micro_batch in result.losses:
+        totals += micro_batch["lm_loss"].to(torch.float64)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def moe_aux_losses(config: RunConfig, n_micro: int) -> dict[str, float]:
+    """megatron-core's tracked MoE losses (mean over MoE layers and micro-batches)."""
+    if config.model.num_experts is None:
+        return {}
+    totals: dict[str, torch.Tensor] = {}
+    track_moe_metrics(loss_scale=1.0 / n_micro, iteration=0, total_loss_dict=totals,
+                      num_layers=config.model.num_layers,
+                      moe_layer_freq=config.model.moe_layer_freq)
+    return {f"moe/{name}": float(value) for name, value in totals.items()}
+
+
+def step_record(config: RunConfig, progress: TrainProgress, result: StepResult,
+                step_time: float, n_micro: int, expert_load: ExpertLoadCounter) -> dict[str, Any]:
+    tokens = config.training.global_batch_size * config.model.seq_length
+    record: dict[str, Any] = {
+        "iteration": progress.iteration,
+        "consumed_samples": progress.consumed_samples,
+        "loss": global_lm_loss(result),
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "update_successful": result.update_successful,
+        "step_time_s": step_time,
+        "tokens_per_second": tokens / step_time,
+    }
+    record.update(moe_aux_losses(config, n_micro))
+    record["tokens_per_expert"] = expert_load.collect()
+    record.update(metrics.collect_registered_metrics())
+    return record
+
+
+def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLogger) -> TrainProgress:
+    load = config.checkpoint.load
+    if load is None:
+        return TrainProgress()
+    if read_tracker(load) is None and load == config.checkpoint.save:
+        logger.message(f"--load {load}: no checkpoint yet; starting from iteration 0")
+        return TrainProgress()
+    progress = load_checkpoint(load, objects.model, objects.optimizer, objects.scheduler)
+    logger.message(f"resumed from {load} at iteration {progress.iteration} "
+                   f"({progress.consumed_samples} samples consumed)")
+    return progress
+
+
+def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDataset,
+               progress: TrainProgress, logger: StepLogger) -> list[dict[str, Any]]:
+    """Steps from ``progress`` to --train-iters (or --exit-interval); saves as configured."""
+    t, ckpt = config.training, config.checkpoint
+    n_micro = num_microbatches(config)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    expert_load = ExpertLoadCounter(objects.unwrapped_model)
+    records = []
+    last_saved = progress.iteration if config.checkpoint.load else None
+    started_at = progress.iteration
+    while progress.iteration < t.train_iters:
+        start = time.perf_counter()
+        batches = micro_batches(dataset, progress.consumed_samples, t.global_batch_size,
+                                t.micro_batch_size, dp_rank, dp_size)
+        result = train_step(objects.model, objects.optimizer, objects.scheduler, batches,
+                            n_micro, t.micro_batch_size, config.model.seq_length)
+        step_time = time.perf_counter() - start
+        progress.iteration += 1
+        progress.consumed_samples += t.global_batch_size
+        record = step_record(config, progress, result, step_time, n_micro, expert_load)
+        logger.log(record)
+        records.append(record)
+        if ckpt.save and ckpt.save_interval and progress.iteration % ckpt.save_interval == 0:
+            save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress)
+            last_saved = progress.iteration
+        if t.exit_interval and progress.iteration - started_at >= t.exit_interval:
+            break
+    if ckpt.save and last_saved != progress.iteration:
+        save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress)
+    expert_load.remove()
+    return records
+
+
+def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list[dict[str, Any]]:
+    """Train with ``config`` on this rank; returns the per-step records.
+
+    Validates the config before any process group exists (ConfigError names
+    the flag), then initialises torch.distributed and megatron-core's parallel
+    state, builds data, model, optimizer and scheduler, resumes from --load,
+    runs the steps and saves to --save.
+    """
+    validate_run_config(config, parallel.world_size_from_env())
+    parallel.initialize_distributed()
+    try:
+        parallel.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
+                                           config.parallel.expert_model_parallel_size,
+                                           config.training.seed)
+        seed_everything(config.training.seed)
+        dataset, tokenizer = prepare_data(config)
+        vocab = padded_vocab_size(tokenizer.vocab_size, config.parallel.tensor_model_parallel_size)
+        objects = build_model_and_optimizer(config, vocab)
+        logger = StepLogger(dist.get_rank(), config.training.train_iters,
+                            config.logging.log_interval, config.logging.log_file,
+                            config.logging.tensorboard_dir)
+        logger.message(_describe(config, objects, tokenizer, dataset))
+        progress = resume_or_start(config, objects, logger)
+        try:
+            return train_loop(config, objects, dataset, progress, logger)
+        finally:
+            logger.close()
+    finally:
+        if destroy_process_groups:
+            parallel.destroy()
+
+
+def _describe(config: RunConfig, objects: TrainingObjects, tokenizer: Tokenizer,
+              dataset: PackedDataset) -> str:
+    params = sum(p.numel() for p in objects.unwrapped_model.parameters())
+    return (f"world {dist.get_world_size()} (TP {config.parallel.tensor_model_parallel_size}, "
+            f"EP {config.parallel.expert_model_parallel_size}, "
+            f"DP {parallel_state.get_data_parallel_world_size()}) | "
+            f"{params} parameters on rank 0 | vocab {tokenizer.vocab_size} | "
+            f"{len(dataset)} packed samples of {config.model.seq_length} tokens | "
+            f"{num_microbatches(config)} micro-batches per step")
