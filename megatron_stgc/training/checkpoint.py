@@ -88,20 +88,24 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
-                   is_loading: bool) -> dict:
+                   is_loading: bool, with_rng: bool = True) -> dict:
     """The whole state as one sharded state dict (model, optimizer, scheduler, RNG, data)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model_state = model[0].module.sharded_state_dict()
-    return {
+    state = {
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
         "scheduler": scheduler.state_dict(),
         "progress": {"iteration": progress.iteration,
                      "consumed_samples": progress.consumed_samples},
         "format_version": FORMAT_VERSION,
-        # one RNG snapshot per global rank; a different world size gets fresh RNG
-        "rng_state": ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0),
+        "world_size": world,
     }
+    if with_rng:
+        # one RNG snapshot per global rank
+        state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
+                                           replica_id=0)
+    return state
 
 
 def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgress) -> str:
@@ -150,7 +154,14 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
     path = checkpoint_dir(root, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load {root}: checkpoint directory {path} is missing")
-    template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True)
+    saved_world = dist_checkpointing.load_common_state_dict(path).get("world_size")
+    same_world = saved_world == dist.get_world_size()
+    if not same_world and dist.get_rank() == 0:
+        print(f"--load {path}: saved with world size {saved_world}, running with "
+              f"{dist.get_world_size()}; model/optimizer/scheduler/data position are "
+              "resharded, RNG states start fresh", flush=True)
+    template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True,
+                              with_rng=same_world)
     state = dist_checkpointing.load(template, path)
     if state["format_version"] != FORMAT_VERSION:
         raise RuntimeError(f"--load {path}: checkpoint format {state['format_version']}, "
@@ -158,7 +169,6 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
     model[0].module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng_state"]
-    if rng is not None:
-        _set_rng_state(rng)
+    if same_world:
+        _set_rng_state(state["rng_state"])
     return TrainProgress(**state["progress"])
