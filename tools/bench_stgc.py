@@ -8,7 +8,9 @@ training step (forward, backward, optimizer) on the same synthetic batches:
   plain         megatron-core MoELayer (no STGC)
   single-pass   STGC, exact cosines, one backward            (this project's default)
   two-pass      STGC, the paper's recipe: identify backward + training step
-  lowrank       STGC, single pass, lowrank estimator (--stgc-estimator lowrank)
+  fc2           STGC, single pass, cosine over the experts' fc2 parameters only
+  lowrank-R     STGC, single pass, lowrank estimator of rank R (--stgc-estimator lowrank),
+                one variant per rank in --stgc-estimator-rank (comma-separated)
 
 Prints median step-time and peak-memory ratios against plain, and the lowrank
 estimator's agreement with the exact conflict flags, and writes them to --output.
@@ -34,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-VARIANTS = ("plain", "single-pass", "two-pass", "lowrank")
+BASE_VARIANTS = ("plain", "single-pass", "two-pass", "fc2")
 
 
 def parse_args(argv=None):
@@ -48,10 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--expert-model-parallel-size", type=int, default=2)
-    p.add_argument("--stgc-estimator-rank", type=int, default=32)
+    p.add_argument("--stgc-estimator-rank", default="64",
+                   help="comma-separated ranks of the lowrank estimator to compare")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--output", default="bench_stgc.txt")
     args = p.parse_args(argv)
+    args.lowrank_ranks = [int(r) for r in str(args.stgc_estimator_rank).split(",")]
+    args.variants = BASE_VARIANTS + tuple(f"lowrank-{r}" for r in args.lowrank_ranks)
     if args.quick:
         args.hidden_size, args.moe_ffn_hidden_size, args.seq_length = 256, 704, 256
         args.micro_batch_size, args.reps = 2, 3
@@ -102,8 +107,11 @@ def _run_config(args, variant):
     if variant != "plain":
         config.stgc.enabled = True
         config.stgc.mode = "two-pass" if variant == "two-pass" else "single-pass"
-        config.stgc.estimator = "lowrank" if variant == "lowrank" else "exact"
-        config.stgc.estimator_rank = args.stgc_estimator_rank
+        if variant == "fc2":
+            config.stgc.estimator = "fc2"
+        if variant.startswith("lowrank-"):
+            config.stgc.estimator = "lowrank"
+            config.stgc.estimator_rank = int(variant.split("-")[1])
     return config
 
 
@@ -138,16 +146,16 @@ def _flags(objects):
     return [layer.stgc.last.conflicts.clone() for layer in stgc_layers(objects.model)]
 
 
-def _lowrank_agreement(built, batch, args):
+def _estimator_agreement(built, variant, batch, args):
     """Same weights, same batch: share of judged pairs whose flag the estimator reproduces."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_stgc.stgc.two_pass import stgc_layers
     from megatron_stgc.training.forward import gpt_forward_step
 
-    exact, lowrank = built["single-pass"], built["lowrank"]
-    lowrank.unwrapped_model.load_state_dict(exact.unwrapped_model.state_dict())
+    exact, estimate = built["single-pass"], built[variant]
+    estimate.unwrapped_model.load_state_dict(exact.unwrapped_model.state_dict())
     flags = {}
-    for name, objects in (("exact", exact), ("lowrank", lowrank)):
+    for name, objects in (("exact", exact), ("estimate", estimate)):
         for chunk in objects.model:
             chunk.zero_grad_buffer()
         get_forward_backward_func()(forward_step_func=gpt_forward_step, data_iterator=iter([batch]),
@@ -156,7 +164,7 @@ def _lowrank_agreement(built, batch, args):
                                     micro_batch_size=args.micro_batch_size, forward_only=False)
         flags[name] = [(l.stgc.last.conflicts, ~torch.isnan(l.stgc.last.cos)) for l in stgc_layers(objects.model)]
     counts = torch.zeros(5, dtype=torch.float64)  # same, judged, exact, lowrank, both conflicting
-    for (e_flags, e_judged), (l_flags, _) in zip(flags["exact"], flags["lowrank"]):
+    for (e_flags, e_judged), (l_flags, _) in zip(flags["exact"], flags["estimate"]):
         counts += torch.tensor([((e_flags == l_flags) & e_judged).sum(), e_judged.sum(),
                                 e_flags.sum(), l_flags.sum(), (e_flags & l_flags).sum()],
                                dtype=torch.float64)
@@ -181,15 +189,15 @@ def rank_main(rank, args, port):
     initialize_model_parallel(1, args.expert_model_parallel_size, seed=1234)
     vocab = 1024
     built = {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         torch.manual_seed(1234)
         model_parallel_cuda_manual_seed(1234)
         built[variant] = build_model_and_optimizer(_run_config(args, variant), vocab)
     batches = _batches(args, vocab, seed=100 + rank, count=args.reps + 1)
-    times = {v: [] for v in VARIANTS}
-    peaks = {v: [] for v in VARIANTS}
+    times = {v: [] for v in args.variants}
+    peaks = {v: [] for v in args.variants}
     for rep, batch in enumerate(batches):
-        order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
+        order = args.variants[rep % len(args.variants):] + args.variants[:rep % len(args.variants)]
         for variant in order:
             dist.barrier()
             rss_before = _reset_peak_rss()
@@ -202,9 +210,10 @@ def rank_main(rank, args, port):
                 peaks[variant].append((_status_kb("VmHWM") - rss_before) * 1024)
             if rank == 0:
                 print(f"rep {rep} {variant:12s} {elapsed:7.2f}s", flush=True)
-    agreement = _lowrank_agreement(built, batches[0], args)
+    agreement = {v: _estimator_agreement(built, v, batches[0], args)
+                 for v in args.variants if v.startswith("lowrank-") or v == "fc2"}
     state = _model_state_bytes(built["plain"].unwrapped_model)
-    summary = torch.tensor([[statistics.median(times[v]), max(peaks[v])] for v in VARIANTS],
+    summary = torch.tensor([[statistics.median(times[v]), max(peaks[v])] for v in args.variants],
                            dtype=torch.float64)
     dist.all_reduce(summary, op=dist.ReduceOp.MAX)  # the slowest / largest rank counts
     if rank == 0:
@@ -223,21 +232,21 @@ def _report(args, summary, state, agreement):
         f"{args.expert_model_parallel_size} gloo processes x 1 thread",
         f"{'plain':12s} {base_time:6.2f}s/step   (peak {base_peak / 2**20:7.1f} MiB)",
     ]
-    for i, variant in enumerate(VARIANTS[1:], start=1):
+    for i, variant in enumerate(args.variants[1:], start=1):
         time_ratio = float(summary[i, 0]) / base_time
         mem_ratio = (state + float(summary[i, 1])) / base_peak
         lines.append(f"{variant:12s} {time_ratio:5.2f}x time  {mem_ratio:5.2f}x memory")
-    lines.append(f"lowrank (rank {args.stgc_estimator_rank}) vs exact flags: "
-                 f"{100 * agreement['agreement']:.2f}% of judged pairs agree; of exact conflicts "
-                 f"{100 * agreement['recall']:.1f}% found, {100 * agreement['precision']:.1f}% of "
-                 f"lowrank flags right (exact conflict fraction "
-                 f"{100 * agreement['conflict_fraction']:.1f}%)")
+    for variant, agree in agreement.items():
+        lines.append(f"{variant} vs exact flags: {100 * agree['agreement']:.2f}% of judged pairs "
+                     f"agree; {100 * agree['recall']:.1f}% of exact conflicts found, "
+                     f"{100 * agree['precision']:.1f}% of its flags right (exact conflict "
+                     f"fraction {100 * agree['conflict_fraction']:.1f}%)")
     text = "\n".join(lines)
     print(text, flush=True)
     with open(args.output, "w") as f:
         f.write(text + "\n")
     with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
-        json.dump({"args": vars(args), "median_step_s": dict(zip(VARIANTS, summary[:, 0].tolist())),
+        json.dump({"args": vars(args), "median_step_s": dict(zip(args.variants, summary[:, 0].tolist())),
                    "agreement": agreement}, f, indent=2)
 
 

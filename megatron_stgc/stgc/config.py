@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("single-pass", "two-pass")
-ESTIMATORS = ("exact", "lowrank")
+ESTIMATORS = ("exact", "lowrank", "fc2")
 NORMALIZATIONS = ("pairs", "tokens")
 
 
@@ -49,6 +49,8 @@ class STGCConfig:
     estimator:      "exact" per-token cosines, or "lowrank": the cosine against the
                     mean gradient projected on its top-r output subspace (found by a
                     randomized range finder; cheaper for wide experts).
+                    "fc2": the exact cosine over the expert's output projection (fc2)
+                    parameters only, half of the extra GEMMs.
     estimator_rank: r for the "lowrank" estimator.
     normalization:  N in L_token = -(1/(N*E)) sum log softmax(-z)[e]:
                     "pairs" = number of conflicting (token, expert) pairs (default),

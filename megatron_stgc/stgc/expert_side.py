@@ -102,6 +102,8 @@ def expert_row_cosines(
     row_probs: [R] routing prob of every row (0 marks quantization padding rows)
     """
     generator = torch.Generator().manual_seed(seed)
+    if estimator == "fc2":  # parameter-subset estimator: the output projection only
+        experts = [linears[-1:] for linears in experts]
     grads = _global_weight_grads(experts, expert_dp_group)
     row_cos, counts, consistency = [], [], []
     for linears, expert_grads in zip(experts, grads):
