@@ -268,14 +268,21 @@ _PATCHES = {
 }
 
 
-def install() -> list[str]:
+def install(exclude: tuple[str, ...] = ()) -> list[str]:
     """Apply every CPU patch once; a no-op when CUDA is available.
 
-    Returns the names of the patches in force in this process.
+    ``exclude`` names patches to leave out (tests/test_cpu_bridge.py uses it to
+    show that each patch is needed). Returns the names of the patches in force
+    in this process.
     """
+    unknown = set(exclude) - set(_PATCHES)
+    if unknown:
+        raise ValueError(f"unknown CPU bridge patches {sorted(unknown)}; known: {list(_PATCHES)}")
     if cuda_available() or _INSTALLED:
         return installed_patches()
     for name, patch in _PATCHES.items():
+        if name in exclude:
+            continue
         patch()
         _INSTALLED.append(name)
     return installed_patches()
