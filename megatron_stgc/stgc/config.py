@@ -55,6 +55,8 @@ class STGCConfig:
     normalization:  N in L_token = -(1/(N*E)) sum log softmax(-z)[e]:
                     "pairs" = number of conflicting (token, expert) pairs (default),
                     "tokens" = number of distinct tokens with at least one conflict.
+    consistency_interval: compute gradient consistency (paper Fig. 3b; one more GEMM
+                    per expert linear) on every N-th step; 0 = never.
     """
 
     enabled: bool = False
@@ -65,6 +67,7 @@ class STGCConfig:
     estimator: str = "exact"
     estimator_rank: int = 64
     normalization: str = "pairs"
+    consistency_interval: int = 10
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -79,6 +82,10 @@ class STGCConfig:
             raise ValueError(f"--stgc-beta must be >= 0, got {self.beta}")
         if not -1.0 <= self.tau <= 1.0:
             raise ValueError(f"--stgc-tau must lie in [-1, 1], got {self.tau}")
+        if self.consistency_interval < 0:
+            raise ValueError(
+                f"--stgc-consistency-interval must be >= 0, got {self.consistency_interval}"
+            )
         if self.estimator_rank < 1:
             raise ValueError(f"--stgc-estimator-rank must be >= 1, got {self.estimator_rank}")
 

@@ -15,7 +15,8 @@ import os
 import sys
 from typing import Any, Optional
 
-PROGRESS_KEYS = ("loss", "moe/load_balancing_loss", "lr", "grad_norm", "tokens_per_second")
+PROGRESS_KEYS = ("loss", "moe/load_balancing_loss", "stgc/token_loss", "stgc/conflict_fraction",
+                 "lr", "grad_norm", "tokens_per_second")
 
 
 def _format(value: Any) -> str:

@@ -30,7 +30,9 @@ from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint, r
 from megatron_stgc.training.expert_load import ExpertLoadCounter
 from megatron_stgc.training.logging import StepLogger
 from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
-from megatron_stgc.training.step import StepResult, train_step
+from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
+                                               unregister_stgc_metrics)
+from megatron_stgc.training.step import StepResult
 
 
 def cache_dir_for(config: RunConfig) -> str:
@@ -140,8 +142,7 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
         start = time.perf_counter()
         batches = micro_batches(dataset, progress.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, dp_rank, dp_size)
-        result = train_step(objects.model, objects.optimizer, objects.scheduler, batches,
-                            n_micro, t.micro_batch_size, config.model.seq_length)
+        result = run_train_step(config, objects, batches, n_micro, progress.iteration)
         step_time = time.perf_counter() - start
         progress.iteration += 1
         progress.consumed_samples += t.global_batch_size
@@ -182,9 +183,11 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
                             config.logging.tensorboard_dir)
         logger.message(_describe(config, objects, tokenizer, dataset))
         progress = resume_or_start(config, objects, logger)
+        register_stgc_metrics(config, objects)
         try:
             return train_loop(config, objects, dataset, progress, logger)
         finally:
+            unregister_stgc_metrics()
             logger.close()
     finally:
         if destroy_process_groups:

@@ -1,0 +1,47 @@
+"""Where the training loop meets STGC: the step function and the metric source."""
+
+from __future__ import annotations
+
+from megatron_stgc.config import RunConfig
+from megatron_stgc.stgc.metrics import collect_stgc_metrics
+from megatron_stgc.stgc.two_pass import set_consistency_collection, two_pass_train_step
+from megatron_stgc.training import metrics
+from megatron_stgc.training.setup import TrainingObjects
+from megatron_stgc.training.step import StepResult, train_step
+
+METRIC_SOURCE = "stgc"
+
+
+def run_train_step(config: RunConfig, objects: TrainingObjects, batches, num_microbatches: int,
+                   iteration: int) -> StepResult:
+    """One optimizer step: plain train_step, or the two-pass recipe with --stgc-mode two-pass.
+
+    iteration: the step about to run (0-based); gradient consistency is computed on
+    steps where (iteration + 1) % --stgc-consistency-interval == 0.
+    """
+    kwargs = dict(optimizer=objects.optimizer, scheduler=objects.scheduler,
+                  micro_batch_size=config.training.micro_batch_size,
+                  seq_length=config.model.seq_length)
+    stgc = config.stgc
+    if not stgc.enabled:
+        return train_step(objects.model, data_iterator=batches,
+                          num_microbatches=num_microbatches, **kwargs)
+    interval = stgc.consistency_interval
+    set_consistency_collection(objects.model, bool(interval) and (iteration + 1) % interval == 0)
+    if stgc.mode == "two-pass":
+        return two_pass_train_step(train_step, objects.model, batches, num_microbatches, **kwargs)
+    return train_step(objects.model, data_iterator=batches, num_microbatches=num_microbatches,
+                      **kwargs)
+
+
+def register_stgc_metrics(config: RunConfig, objects: TrainingObjects) -> None:
+    """Log stgc/* metrics every step (reduced over all ranks) when STGC is on."""
+    if config.stgc.enabled:
+        metrics.register_metric_source(
+            METRIC_SOURCE,
+            lambda: collect_stgc_metrics(objects.model, config.model.num_layers),
+        )
+
+
+def unregister_stgc_metrics() -> None:
+    metrics.unregister_metric_source(METRIC_SOURCE)
