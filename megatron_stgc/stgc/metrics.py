@@ -8,6 +8,8 @@ Logged names (means over the steps since the last collect):
                                averaged over experts (paper Fig. 3b); only for backwards
                                run with set_consistency_collection(model, True)
 and the same per layer as stgc/layer{N}/..., N = megatron-core layer number (1-based).
+A metric that is undefined over the interval (no backward collected consistency, no
+conflicting pair) is left out rather than logged as NaN.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ def collect_stgc_metrics(model, num_layers: int, group=None) -> dict[str, float]
         if row["present"] == 0 or row["backward_count"] == 0:
             continue
         for name, value in _layer_values(row).items():
+            if math.isnan(value):
+                continue
             metrics[f"stgc/layer{index + 1}/{name}"] = value
             per_name.setdefault(name, []).append(value)
     for name, values in per_name.items():
-        finite = [v for v in values if not math.isnan(v)]
-        metrics[f"stgc/{name}"] = sum(finite) / len(finite) if finite else math.nan
+        metrics[f"stgc/{name}"] = sum(values) / len(values)
     return metrics
