@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -18,14 +17,9 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
+from dist_utils import free_port  # noqa: E402
 from megatron_stgc.stgc.config import STGCConfig  # noqa: E402
 from megatron_stgc.stgc.spec import stgc_moe_spec  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_single_process() -> None:
@@ -112,36 +106,6 @@ def oracle_pair_cosines(layer, hidden: torch.Tensor, loss_weights: torch.Tensor)
             if denom > 0:
                 cos[n, e] = (g @ mean) / denom
     return cos, routing_map
-
-
-# ---------------------------------------------------------------------------------
-# Multi-process runs: real gloo processes, real megatron-core process groups.
-
-def _rank_main(rank, world_size, port, ep_size, fn, args, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep_size)
-    try:
-        result = fn(*args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, world_size: int, ep_size: int, args: tuple, out_dir: str) -> list:
-    """Run fn(*args) on world_size gloo processes; returns each rank's result."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(
-        _rank_main,
-        args=(world_size, free_port(), ep_size, fn, args, out_dir),
-        nprocs=world_size,
-        join=True,
-    )
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
 
 
 def global_layer_state(config: TransformerConfig, seed: int = 1234) -> dict:

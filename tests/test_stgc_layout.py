@@ -4,6 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron.core import parallel_state
+
+from dist_utils import run_on_ranks
 from stgc_utils import (
     STGCConfig,
     build_stgc_layer,
@@ -11,7 +14,6 @@ from stgc_utils import (
     init_single_process,
     load_global_state,
     moe_config,
-    run_ranks,
 )
 
 SEQ, BATCH, HIDDEN = 32, 4, 16  # 128 tokens in the global micro-batch
@@ -22,9 +24,9 @@ def _global_batch():
     return torch.randn(SEQ, BATCH, HIDDEN, generator=gen), torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
 
 
-def _step_on_rank(config_overrides, state):
+def _step_on_rank(rank, world, expert_parallel, config_overrides, state):
     """One forward/backward of this rank's share of the global micro-batch."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=expert_parallel)
     config = moe_config(**config_overrides)
     layer = build_stgc_layer(config, STGCConfig(enabled=True, beta=1.0))
     load_global_state(layer, state)
@@ -42,8 +44,8 @@ def _step_on_rank(config_overrides, state):
             "router_grad": router_grad}
 
 
-def _reference(config_overrides, state, out_dir):
-    return run_ranks(_step_on_rank, 1, 1, (config_overrides, state), out_dir)[0]
+def _reference(config_overrides, state):
+    return run_on_ranks(_step_on_rank, 1, 1, config_overrides, state)[0]
 
 
 def _rows_of(tensor_tbe, rank, world):
@@ -62,14 +64,12 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("world,ep,dispatcher", LAYOUTS)
-def test_flags_and_router_grads_match_world_one(tmp_path, world, ep, dispatcher):
+def test_flags_and_router_grads_match_world_one(world, ep, dispatcher):
     overrides = dict(moe_router_topk=2, moe_token_dispatcher_type=dispatcher, gated_linear_unit=True)
     init_single_process()
     state = global_layer_state(moe_config(**overrides))
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref_dir.mkdir(), run_dir.mkdir()
-    reference = _reference(overrides, state, str(ref_dir))
-    results = run_ranks(_step_on_rank, world, ep, (overrides, state), str(run_dir))
+    reference = _reference(overrides, state)
+    results = run_on_ranks(_step_on_rank, world, ep, overrides, state)
 
     assert reference["conflicts"].any(), "test needs conflicting pairs"
     for rank, result in enumerate(results):
