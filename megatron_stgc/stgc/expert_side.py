@@ -26,8 +26,12 @@ class ExpertResult:
     consistency: torch.Tensor | None  # [local_E] mean pairwise cosine, or None
 
 
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
+    if _group_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor
 
@@ -39,20 +43,16 @@ def _global_weight_grads(experts: list[list[LinearGrads]], expert_dp_group):
         for linears in experts
         for lin in linears
     ]
-    flat_pieces = [t.reshape(-1) for pair in sums for t in pair if t is not None]
-    if not flat_pieces:
-        return [[] for _ in experts]
-    flat = _all_reduce(torch.cat(flat_pieces), expert_dp_group)
-    reduced = iter(torch.split(flat, [p.numel() for p in flat_pieces]))
-    out = []
-    for linears in experts:
-        per_linear = []
-        for lin in linears:
-            g_w = next(reduced).view(lin.output_grads.shape[1], lin.inputs.shape[1])
-            g_b = next(reduced) if lin.bias_coef is not None else None
-            per_linear.append((g_w, g_b))
-        out.append(per_linear)
-    return out
+    if _group_size(expert_dp_group) > 1:
+        flat_pieces = [t.reshape(-1) for pair in sums for t in pair if t is not None]
+        flat = _all_reduce(torch.cat(flat_pieces), expert_dp_group)
+        reduced = iter(torch.split(flat, [p.numel() for p in flat_pieces]))
+        sums = [
+            (next(reduced).view_as(g_w), None if g_b is None else next(reduced))
+            for g_w, g_b in sums
+        ]
+    per_expert = iter(sums)
+    return [[next(per_expert) for _ in linears] for linears in experts]
 
 
 def _row_stats(linears, grads, estimator: str, rank: int, generator):
