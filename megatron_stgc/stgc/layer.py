@@ -57,6 +57,11 @@ class STGCMoELayer(MoELayer):
         self.router.stgc = self.stgc
         self._expert_dp_group = self.experts.dp_group if hasattr(self.experts, "dp_group") else None
         self._linear_has_bias = expert_linear_has_bias(self.experts)
+        if not hasattr(self.experts, "local_experts") and any(self._linear_has_bias.values()):
+            raise NotImplementedError(
+                "STGC supports biased experts with SequentialMLP (local spec) only; grouped-GEMM "
+                "experts need add_bias_linear=False"
+            )
         self._capture_handles = attach_capture_hooks(
             self.experts, self._current_capture,
             reuse_weight_grads=not config.gradient_accumulation_fusion,
