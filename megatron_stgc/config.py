@@ -78,6 +78,7 @@ class TrainingConfig:
     adam_beta2: float = 0.95
     seed: int = 1234
     exit_interval: Optional[int] = None  # stop (and save) after this many steps of this run
+    nan_policy: str = "abort"  # NaN/inf loss or gradient: "abort" the run or "skip" the update
 
 
 @dataclass
@@ -94,6 +95,7 @@ class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None
+    keep_last: Optional[int] = None  # keep only the newest K checkpoints (None = keep all)
 
 
 @dataclass
@@ -384,6 +386,13 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
                  f"--load: directory {config.checkpoint.load} does not exist")
     _require(t.exit_interval is None or t.exit_interval >= 1,
              f"--exit-interval must be >= 1, got {t.exit_interval}")
+    _require(t.nan_policy in ("abort", "skip"),
+             f"--nan-policy must be 'abort' or 'skip', got {t.nan_policy!r}")
+    _require(config.checkpoint.keep_last is None or config.checkpoint.keep_last >= 1,
+             f"--keep-last must be >= 1, got {config.checkpoint.keep_last}")
+    _require(config.checkpoint.keep_last is None or config.checkpoint.save is not None,
+             "--keep-last needs --save")
+    _validate_load_tracker(config.checkpoint.load)
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
@@ -395,6 +404,23 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
             config.stgc.layer_set(m.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_load_tracker(load: Optional[str]) -> None:
+    """A tracker in --load must name a checkpoint directory that exists."""
+    if load is None:
+        return
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt")
+    if not os.path.isfile(tracker):
+        return
+    with open(tracker) as f:
+        text = f.read().strip()
+    _require(text.isdigit(), f"--load {load}: {tracker} holds {text!r}, not an iteration number")
+    path = os.path.join(load, f"iter_{int(text):07d}")
+    moved_aside = any(name.startswith(os.path.basename(path) + ".replaced-")
+                      for name in os.listdir(load))
+    _require(os.path.isdir(path) or moved_aside,
+             f"--load {load}: the tracker names iteration {int(text)} but {path} is missing")
 
 
 def _cuda_available() -> bool:

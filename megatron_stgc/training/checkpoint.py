@@ -12,13 +12,16 @@ CUDA and megatron's model-parallel RNG tracker). It is written to
 ``iter_XXXXXXX.tmp-<stamp>`` and published with an atomic rename by rank 0
 after every rank has finished; the tracker file is replaced atomically after
 that. A crash mid-save therefore never leaves a half-written checkpoint
-behind a tracker entry.
+behind a tracker entry. A staging directory left by a crashed save is
+deleted by the next save; with ``keep_last`` only the newest K published
+checkpoints are kept (older ones are deleted after the tracker moved on).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_PUBLISHED = re.compile(r"^iter_(\d{7})$")
+_LEFTOVER = re.compile(r"^iter_\d{7}\.(tmp|replaced)-\d+$")
 FORMAT_VERSION = 1
 
 
@@ -108,14 +113,20 @@ def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
     return state
 
 
-def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgress) -> str:
-    """Save collectively (every rank calls it); returns the published directory."""
+def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgress,
+                    keep_last: Optional[int] = None) -> str:
+    """Save collectively (every rank calls it); returns the published directory.
+
+    keep_last: after publishing, delete all but the newest ``keep_last`` checkpoints.
+    """
     rank = dist.get_rank()
     final = checkpoint_dir(root, progress.iteration)
     stamp = torch.tensor([int(time.time() * 1000)], dtype=torch.long)
     dist.broadcast(stamp, src=0)
     staging = f"{final}.tmp-{int(stamp.item())}"
     if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        remove_leftovers(root)
         os.makedirs(staging, exist_ok=False)
     dist.barrier()
     state = _sharded_state(model, optimizer, scheduler, progress, is_loading=False)
@@ -124,8 +135,45 @@ def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgr
     if rank == 0:
         _publish(staging, final)
         _write_tracker(root, progress.iteration)
+        if keep_last is not None:
+            prune_checkpoints(root, keep_last, progress.iteration)
     dist.barrier()
     return final
+
+
+def published_iterations(root: str) -> list[int]:
+    """Iterations of the published ``iter_XXXXXXX`` directories under ``root``, ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(_PUBLISHED.match, os.listdir(root)) if m)
+
+
+def remove_leftovers(root: str) -> list[str]:
+    """Delete staging (``.tmp-``) and moved-aside (``.replaced-``) directories that a
+    crashed save left behind; returns their names. Call only while no save runs."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        final = os.path.join(root, name.split(".")[0])
+        if ".replaced-" in name and _LEFTOVER.match(name) and not os.path.exists(final):
+            # the crash hit _publish between moving the old copy aside and moving the
+            # new one in: the old copy is complete, put it back
+            os.replace(os.path.join(root, name), final)
+            continue
+        if _LEFTOVER.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def prune_checkpoints(root: str, keep_last: int, current: int) -> list[int]:
+    """Delete published checkpoints older than the newest ``keep_last`` up to ``current``
+    (the one the tracker names); returns the deleted iterations. Checkpoints newer
+    than ``current`` (from an abandoned run) are left alone."""
+    older = [it for it in published_iterations(root) if it <= current]
+    doomed = older[:-keep_last] if keep_last > 0 else older
+    for iteration in doomed:
+        shutil.rmtree(checkpoint_dir(root, iteration))
+    return doomed
 
 
 def _publish(staging: str, final: str) -> None:
@@ -152,6 +200,11 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
         if iteration is None:
             raise FileNotFoundError(f"--load {root}: no {TRACKER_FILE}; nothing to resume from")
     path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        # a save of the same iteration crashed inside _publish: the old copy is complete
+        moved = sorted(name for name in os.listdir(root)
+                       if name.startswith(os.path.basename(path) + ".replaced-"))
+        path = os.path.join(root, moved[-1]) if moved else path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load {root}: checkpoint directory {path} is missing")
     saved_world = dist_checkpointing.load_common_state_dict(path).get("world_size")

@@ -28,6 +28,7 @@ from megatron_stgc.training import metrics
 from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint, read_tracker,
                                                save_checkpoint)
 from megatron_stgc.training.expert_load import ExpertLoadCounter
+from megatron_stgc.training.guards import install_nonfinite_guard
 from megatron_stgc.training.logging import StepLogger
 from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
 from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
@@ -135,11 +136,13 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     expert_load = ExpertLoadCounter(objects.unwrapped_model)
+    guard = install_nonfinite_guard(objects.model, objects.optimizer, t.nan_policy)
     records = []
     last_saved = progress.iteration if config.checkpoint.load else None
     started_at = progress.iteration
     while progress.iteration < t.train_iters:
         start = time.perf_counter()
+        guard.iteration = progress.iteration + 1
         batches = micro_batches(dataset, progress.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, dp_rank, dp_size)
         result = run_train_step(config, objects, batches, n_micro, progress.iteration)
@@ -147,16 +150,21 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
         progress.iteration += 1
         progress.consumed_samples += t.global_batch_size
         record = step_record(config, progress, result, step_time, n_micro, expert_load)
+        record["skipped_steps"] = guard.skipped_steps
         logger.log(record)
+        guard.check_loss(record["loss"])
         records.append(record)
         if ckpt.save and ckpt.save_interval and progress.iteration % ckpt.save_interval == 0:
-            save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress)
+            save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
+                            keep_last=ckpt.keep_last)
             last_saved = progress.iteration
         if t.exit_interval and progress.iteration - started_at >= t.exit_interval:
             break
     if ckpt.save and last_saved != progress.iteration:
-        save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress)
+        save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
+                        keep_last=ckpt.keep_last)
     expert_load.remove()
+    guard.remove()
     return records
 
 
