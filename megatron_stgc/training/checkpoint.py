@@ -37,6 +37,10 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _PUBLISHED = re.compile(r"^iter_(\d{7})$")
 _LEFTOVER = re.compile(r"^iter_\d{7}\.(tmp|replaced)-\d+$")
 FORMAT_VERSION = 1
+# The distributed optimizer's default format (flattened ranges) is rejected by
+# megatron-core 0.16's own ShardedTensor validation; "fully_reshardable" stores
+# the optimizer state per parameter, so a checkpoint loads on any DP/EP layout.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 @dataclass
@@ -99,7 +103,8 @@ def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
     model_state = model[0].module.sharded_state_dict()
     state = {
         "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                  metadata=OPTIMIZER_METADATA),
         "scheduler": scheduler.state_dict(),
         "progress": {"iteration": progress.iteration,
                      "consumed_samples": progress.consumed_samples},
@@ -188,6 +193,57 @@ def _publish(staging: str, final: str) -> None:
         shutil.rmtree(previous)
 
 
+def _materialize_distributed_adam_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's torch Adam its (zero) state before loading.
+
+    megatron-core 0.16's DistributedOptimizer.sharded_state_dict(is_loading=True)
+    reads the inner optimizer's per-parameter "step" first; torch's Adam creates
+    its state lazily at the first step, so a fresh optimizer (torch fallback,
+    no apex/TE) has none. The zeros written here are all overwritten by the load.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(sub, DistributedOptimizer) or inner is None:
+            continue
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own, correct Adam "step" tensor after a load.
+
+    With the torch-optimizer fallback (no apex/TE) megatron-core 0.16's
+    DistributedOptimizer (a) restores the saved step into the inner param
+    groups but then overwrites each parameter's state "step" with the value of
+    the load template (a non-persistent entry of its param state), and (b)
+    shares one step tensor object between parameters, which torch's Adam
+    increments in place once per parameter. Both break the bias correction
+    after a resume; the param-group step is the saved one.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if not torch.is_tensor(state.get("step")):
+                    continue
+                if "step" in group:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                else:
+                    state["step"] = state["step"].clone()
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler,
                     iteration: Optional[int] = None) -> TrainProgress:
     """Load the tracker's (or ``iteration``'s) checkpoint into model, optimizer,
@@ -213,14 +269,17 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
         print(f"--load {path}: saved with world size {saved_world}, running with "
               f"{dist.get_world_size()}; model/optimizer/scheduler/data position are "
               "resharded, RNG states start fresh", flush=True)
+    _materialize_distributed_adam_state(optimizer)
     template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True,
                               with_rng=same_world)
     state = dist_checkpointing.load(template, path)
     if state["format_version"] != FORMAT_VERSION:
         raise RuntimeError(f"--load {path}: checkpoint format {state['format_version']}, "
                            f"this code reads {FORMAT_VERSION}")
-    model[0].module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # loading writes into parameters in place
+        model[0].module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     if same_world:
         _set_rng_state(state["rng_state"])
