@@ -313,6 +313,13 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     _require(m.ffn_hidden_size % tp == 0,
              f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by "
              f"--tensor-model-parallel-size ({tp})")
+    if tp > 1 and m.num_experts is not None:
+        from megatron_stgc.model.gpt import use_transformer_engine
+
+        _require(use_transformer_engine(config),
+                 f"--tensor-model-parallel-size ({tp}) > 1 with MoE needs sequence parallelism, "
+                 "which needs Transformer Engine norms (GPU); use --tensor-model-parallel-size 1 "
+                 "on CPU")
     if tp > 1:
         _require(m.seq_length % tp == 0,
                  f"--seq-length ({m.seq_length}) must be divisible by "

@@ -44,7 +44,8 @@ def transformer_config_from(config: RunConfig) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
-        sequence_parallel=p.tensor_model_parallel_size > 1,
+        # sequence parallelism needs TE norms (torch LayerNorm rejects it)
+        sequence_parallel=p.tensor_model_parallel_size > 1 and use_te,
         # precision: BF16 params, fp32 main grads (DDP grad buffer) and fp32 router
         bf16=pr.bf16,
         params_dtype=params_dtype,
