@@ -214,21 +214,22 @@ def _parse_optional(typ: type):
 
 
 def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    """Add one flag per config field; every default is None ("not given")."""
-    parser = parser or argparse.ArgumentParser(prog="megatron-stgc train")
+    """Add one flag per config field; a flag not given is absent from the namespace
+    (so ``--num-experts none`` can set a field to None)."""
+    parser = parser or argparse.ArgumentParser(prog="megatron-stgc train",
+                                               argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, help="YAML file; flags override its keys")
     for key, (section, f) in _flag_table().items():
         typ = _field_type(f)
         help_text = f"[{section}] default: {f.default!r}" if f.default is not dataclasses.MISSING else section
         if typ is bool:
             # --bf16 alone means true; --bf16 false / --no-bf16 also work.
-            parser.add_argument(flag(key), dest=key, nargs="?", const=True, default=None,
+            parser.add_argument(flag(key), dest=key, nargs="?", const=True,
                                 type=_parse_bool, help=help_text)
             parser.add_argument("--no-" + key.replace("_", "-"), dest=key, action="store_const",
                                 const=False, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag(key), dest=key, default=None, type=_parse_optional(typ),
-                                help=help_text)
+            parser.add_argument(flag(key), dest=key, type=_parse_optional(typ), help=help_text)
     return parser
 
 
@@ -264,9 +265,10 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     Precedence: flags > YAML > dataclass defaults. Does not call validate_run_config.
     """
     args = build_arg_parser().parse_args(argv)
-    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    config_path = getattr(args, "config", None)
+    values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     for key, value in vars(args).items():
-        if key != "config" and value is not None:
+        if key != "config":
             values[key] = value
     return config_from_flat(values)
 
