@@ -70,10 +70,23 @@ class Job:
             return f.read()
 
     def kill_group(self) -> None:
+        """SIGKILL the agent's process group and every descendant (torchrun starts
+        its workers in sessions of their own)."""
+        import psutil
+
+        try:
+            descendants = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.process.wait()
         self._output.close()
 

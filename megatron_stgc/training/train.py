@@ -24,7 +24,7 @@ from megatron_stgc import parallel
 from megatron_stgc.config import RunConfig, validate_run_config
 from megatron_stgc.data.dataset import PackedDataset, build_dataset, micro_batches
 from megatron_stgc.data.tokenizer import Tokenizer
-from megatron_stgc.training import metrics
+from megatron_stgc.training import elastic, metrics
 from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint, read_tracker,
                                                save_checkpoint)
 from megatron_stgc.training.expert_load import ExpertLoadCounter
@@ -177,6 +177,7 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
     runs the steps and saves to --save.
     """
     validate_run_config(config, parallel.world_size_from_env())
+    elastic.init_process_group_after_restart()  # no-op unless torchrun restarted us
     parallel.initialize_distributed()
     try:
         parallel.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
