@@ -51,11 +51,11 @@ def torchrun_command(train_flags: list[str], nnodes: int = 1, nproc_per_node: in
 class Job:
     """One launched command in its own process group, output to ``output_path``."""
 
-    def __init__(self, command: list[str], output_path: str):
+    def __init__(self, command: list[str], output_path: str, env: Optional[dict] = None):
         self.command = command
         self.output_path = output_path
         self._output = open(output_path, "w")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
         self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT,
                                         cwd=REPO, env=env, start_new_session=True)
 

@@ -1,0 +1,93 @@
+"""The launch recipes in examples/: the torchrun script really launches (tiny model, CPU),
+and the paper-setting commands it builds are valid for 2 nodes x 8 GPUs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+
+import pytest
+import torch
+
+from launch_utils import REPO, TINY_FLAGS, Job, free_port, read_jsonl
+from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+
+SCRIPT = os.path.join(REPO, "examples", "launch", "torchrun_multinode.sh")
+SBATCH = os.path.join(REPO, "examples", "launch", "slurm_moe.sbatch")
+
+
+def _dry_run(**env) -> list[str]:
+    done = subprocess.run(["bash", SCRIPT, "--data-path", "none", "--tokenizer-model", "none"],
+                          env=dict(os.environ, DRY_RUN="1", **env), capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return shlex.split(done.stdout)
+
+
+def _split(command: list[str]) -> tuple[list[str], list[str]]:
+    at = command.index("megatron_stgc")
+    assert command[at - 1] == "-m" and command[at + 1] == "train"
+    return command[:at - 1], command[at + 2:]
+
+
+@pytest.mark.parametrize("model,layers,hidden,bias", [("stablelm", 24, 2048, False),
+                                                      ("phi2", 32, 2560, True)])
+def test_paper_settings_are_valid_for_two_nodes(model, layers, hidden, bias):
+    launch, train = _split(_dry_run(MODEL=model, RDZV_HOST="node001", JOB_ID="42"))
+    text = " ".join(launch)
+    for part in ("--nnodes 2", "--nproc-per-node 8", "--rdzv-backend c10d",
+                 "--rdzv-endpoint node001:29500", "--rdzv-id 42", "--max-restarts 3"):
+        assert part in text, (part, text)
+    config = parse_run_config(train)
+    validate_run_config(config, world_size=16)
+    m = config.model
+    assert (m.num_layers, m.hidden_size, m.add_bias_linear) == (layers, hidden, bias)
+    assert (m.num_experts, m.moe_router_topk, m.moe_layer_freq) == (4, 2, 2)
+    assert config.parallel.expert_model_parallel_size == 4
+    assert config.precision.bf16 and config.precision.fp8_format is None
+    assert config.stgc.enabled and config.checkpoint.keep_last == 3
+    # 16 ranks / EP 4: the EP groups are 4 consecutive ranks, i.e. inside an 8-GPU node
+    assert 8 % config.parallel.expert_model_parallel_size == 0
+
+
+def test_fp8_variant_asks_for_transformer_engine():
+    _, train = _split(_dry_run(PRECISION="fp8"))
+    config = parse_run_config(train)
+    assert config.precision.bf16 and config.precision.fp8_format == "hybrid"
+    assert config.model.use_te
+    if torch.cuda.is_available():
+        validate_run_config(config, world_size=16)
+    else:
+        with pytest.raises(ConfigError, match="needs CUDA and Transformer Engine"):
+            validate_run_config(config, world_size=16)
+
+
+def test_bad_precision_is_refused():
+    done = subprocess.run(["bash", SCRIPT], env=dict(os.environ, DRY_RUN="1", PRECISION="fp16"),
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2 and "PRECISION must be" in done.stderr
+
+
+def test_sbatch_script_parses_and_calls_the_torchrun_script():
+    assert subprocess.run(["bash", "-n", SBATCH], timeout=60).returncode == 0
+    with open(SBATCH) as f:
+        text = f.read()
+    assert "#SBATCH --ntasks-per-node=1" in text
+    assert "srun" in text and "examples/launch/torchrun_multinode.sh" in text
+
+
+def test_script_launches_the_tiny_job_on_cpu(tmp_path):
+    out = str(tmp_path / "run")
+    flags = [f for f in TINY_FLAGS if f not in ("--config", TINY_FLAGS[1])]
+    command = ["bash", SCRIPT, *flags, "--train-iters", "2", "--save", out, "--load", out,
+               "--log-file", f"{out}/log.jsonl", "--cache-dir", str(tmp_path / "cache")]
+    env = dict(MODEL="tiny", PRECISION="fp32", NNODES="1", NPROC_PER_NODE="2",
+               RDZV_PORT=str(free_port()), MAX_RESTARTS="0")
+    with Job(command, str(tmp_path / "script.out"), env=env) as job:
+        code = job.wait(timeout=240)
+        output = job.output()
+    assert code == 0, output[-5000:]
+    records = read_jsonl(f"{out}/log.jsonl")
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert "world 2 (TP 1, EP 2, DP 2)" in output
