@@ -402,6 +402,18 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     _require(config.checkpoint.keep_last is None or config.checkpoint.save is not None,
              "--keep-last needs --save")
     _validate_load_tracker(config.checkpoint.load)
+    _require(m.normalization in ("LayerNorm", "RMSNorm"),
+             f"--normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
+    _require(m.position_embedding_type in ("rope", "learned_absolute", "none"),
+             "--position-embedding-type must be 'rope', 'learned_absolute' or 'none', got "
+             f"{m.position_embedding_type!r}")
+    for key in ("hidden_dropout", "attention_dropout"):
+        _require(0 <= getattr(m, key) < 1, f"{flag(key)} must lie in [0, 1), got {getattr(m, key)}")
+    _require(m.init_method_std > 0, f"--init-method-std must be > 0, got {m.init_method_std}")
+    if m.num_experts is not None:
+        _require(m.moe_router_topk >= 2,
+                 f"--moe-router-topk {m.moe_router_topk}: megatron-core needs pre-softmax routing "
+                 "for top-1, which this entry point does not expose; use --moe-router-topk >= 2")
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
@@ -413,6 +425,23 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
             config.stgc.layer_set(m.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    _validate_with_megatron_core(config)
+
+
+def _validate_with_megatron_core(config: RunConfig) -> None:
+    """Build megatron-core's TransformerConfig from ``config`` (no process group needed),
+    so that whatever megatron-core itself rejects fails here, before any process starts."""
+    import copy
+    import warnings
+
+    from megatron_stgc.model.gpt import transformer_config_from
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformer_config_from(copy.deepcopy(config))
+    except (ValueError, AssertionError, TypeError) as error:
+        raise ConfigError(f"megatron-core rejects this configuration: {error}") from None
 
 
 def _validate_load_tracker(load: Optional[str]) -> None:

@@ -117,6 +117,10 @@ BAD = [
     (["--nan-policy", "ignore"], "--nan-policy"),
     (["--keep-last", "0", "--save", "/tmp/x"], "--keep-last"),
     (["--keep-last", "2"], "--keep-last needs --save"),
+    (["--moe-router-topk", "1"], "--moe-router-topk 1"),
+    (["--normalization", "BatchNorm"], "--normalization"),
+    (["--hidden-dropout", "1.5"], "--hidden-dropout"),
+    (["--position-embedding-type", "alibi"], "--position-embedding-type"),
 ]
 
 
@@ -133,4 +137,16 @@ def test_load_whose_tracker_names_a_missing_checkpoint_fails_early(tmp_path):
     config = parse_run_config(["--load", str(tmp_path), "--save", str(tmp_path)])
     with pytest.raises(ConfigError, match="names iteration 40 but .*iter_0000040 is missing"):
         validate_run_config(config, world_size=1)
+    assert not dist.is_initialized()
+
+
+def test_what_megatron_core_rejects_is_caught_before_any_process_group():
+    """The last check builds megatron-core's TransformerConfig; its own errors become
+    ConfigErrors (here top-1 routing, which our earlier check would name first)."""
+    from megatron_stgc.config import _validate_with_megatron_core
+
+    config = parse_run_config(["--moe-router-topk", "1"])
+    with pytest.raises(ConfigError, match="megatron-core rejects this configuration: .*topk"):
+        _validate_with_megatron_core(config)
+    _validate_with_megatron_core(parse_run_config([]))  # the defaults pass
     assert not dist.is_initialized()
