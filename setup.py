@@ -25,6 +25,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "test": ["pytest"],
         "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib"],  # tools/scaling_study.py's PNG
     },
     entry_points={"console_scripts": ["megatron-stgc=megatron_stgc.cli:main"]},
 )
