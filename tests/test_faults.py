@@ -132,3 +132,25 @@ def test_interrupted_checkpoint_write(straight):
     entries = sorted(os.listdir(out))
     assert not [e for e in entries if ".tmp-" in e or ".replaced-" in e], entries
     assert [e for e in entries if e.startswith("iter_")] == ["iter_0000008", "iter_0000012"]
+
+
+def test_leftover_cleanup_and_pruning_rules(tmp_path):
+    """The file-system rules behind the above, on directories alone: a staging dir is
+    removed, a checkpoint moved aside by a crash inside the publish rename is put back,
+    --keep-last deletes only checkpoints older than the tracker's."""
+    from megatron_stgc.training.checkpoint import (prune_checkpoints, published_iterations,
+                                                   remove_leftovers)
+
+    for name in ("iter_0000004", "iter_0000008", "iter_0000012", "iter_0000020",
+                 "iter_0000016.tmp-111", "iter_0000012.replaced-222",
+                 "iter_0000014.replaced-333"):
+        os.makedirs(tmp_path / name / "sub")
+    (tmp_path / "notes").mkdir()
+    removed = remove_leftovers(str(tmp_path))
+    # iter_12 exists, so its moved-aside copy is stale; iter_14 does not: restored
+    assert removed == ["iter_0000012.replaced-222", "iter_0000016.tmp-111"]
+    assert published_iterations(str(tmp_path)) == [4, 8, 12, 14, 20]
+    assert prune_checkpoints(str(tmp_path), keep_last=2, current=12) == [4]
+    # newer than the tracker (an abandoned timeline) is left alone
+    assert published_iterations(str(tmp_path)) == [8, 12, 14, 20]
+    assert (tmp_path / "notes").is_dir()
