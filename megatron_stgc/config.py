@@ -35,6 +35,8 @@ class ModelConfig:
     seq_length: int = 64
     num_experts: Optional[int] = 4
     moe_router_topk: int = 2
+    # softmax before top-k; None = on for top-1 (megatron-core requires it there), else off
+    moe_router_pre_softmax: Optional[bool] = None
     moe_layer_freq: int = 2  # MoE on every N-th layer (MoE-LLaVA: every other)
     moe_aux_loss_coeff: float = 0.01
     moe_expert_capacity_factor: Optional[float] = None
@@ -410,10 +412,9 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     for key in ("hidden_dropout", "attention_dropout"):
         _require(0 <= getattr(m, key) < 1, f"{flag(key)} must lie in [0, 1), got {getattr(m, key)}")
     _require(m.init_method_std > 0, f"--init-method-std must be > 0, got {m.init_method_std}")
-    if m.num_experts is not None:
-        _require(m.moe_router_topk >= 2,
-                 f"--moe-router-topk {m.moe_router_topk}: megatron-core needs pre-softmax routing "
-                 "for top-1, which this entry point does not expose; use --moe-router-topk >= 2")
+    if m.num_experts is not None and m.moe_router_topk == 1:
+        _require(m.moe_router_pre_softmax is not False,
+                 "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core requires it)")
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),

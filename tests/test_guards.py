@@ -117,7 +117,7 @@ BAD = [
     (["--nan-policy", "ignore"], "--nan-policy"),
     (["--keep-last", "0", "--save", "/tmp/x"], "--keep-last"),
     (["--keep-last", "2"], "--keep-last needs --save"),
-    (["--moe-router-topk", "1"], "--moe-router-topk 1"),
+    (["--moe-router-topk", "1", "--moe-router-pre-softmax", "false"], "--moe-router-topk 1"),
     (["--normalization", "BatchNorm"], "--normalization"),
     (["--hidden-dropout", "1.5"], "--hidden-dropout"),
     (["--position-embedding-type", "alibi"], "--position-embedding-type"),
@@ -142,11 +142,14 @@ def test_load_whose_tracker_names_a_missing_checkpoint_fails_early(tmp_path):
 
 def test_what_megatron_core_rejects_is_caught_before_any_process_group():
     """The last check builds megatron-core's TransformerConfig; its own errors become
-    ConfigErrors (here top-1 routing, which our earlier check would name first)."""
+    ConfigErrors (here top-1 routing without pre-softmax, which our earlier check would
+    name first)."""
     from megatron_stgc.config import _validate_with_megatron_core
 
-    config = parse_run_config(["--moe-router-topk", "1"])
+    config = parse_run_config(["--moe-router-topk", "1", "--moe-router-pre-softmax", "false"])
     with pytest.raises(ConfigError, match="megatron-core rejects this configuration: .*topk"):
         _validate_with_megatron_core(config)
     _validate_with_megatron_core(parse_run_config([]))  # the defaults pass
+    # MoE-LLaVA's 4-Top-1: pre-softmax is switched on for top-1 by default
+    validate_run_config(parse_run_config(["--moe-router-topk", "1"]), world_size=1)
     assert not dist.is_initialized()

@@ -56,6 +56,8 @@ def transformer_config_from(config: RunConfig) -> TransformerConfig:
         num_moe_experts=m.num_experts,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size if moe else None,
         moe_router_topk=m.moe_router_topk,
+        moe_router_pre_softmax=(m.moe_router_topk == 1 if m.moe_router_pre_softmax is None
+                                else m.moe_router_pre_softmax),
         moe_layer_freq=m.moe_layer_freq,
         moe_aux_loss_coeff=m.moe_aux_loss_coeff if moe else 0.0,
         moe_router_load_balancing_type="aux_loss",
