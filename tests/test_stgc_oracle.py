@@ -95,3 +95,18 @@ def test_bf16_parameters_compute_cosines_in_fp32():
     assert (report.cos.double()[judged] - expected[judged]).abs().max() < 0.05
     clear = judged & ((expected).abs() > 0.05)
     assert torch.equal(report.conflicts[clear], expected[clear] < 0)
+
+
+def test_expert_with_no_tokens():
+    """An expert that receives no token this micro-batch is simply absent from the flags."""
+    init_single_process()
+    layer = build_stgc_layer(moe_config(), STGCConfig(enabled=True))
+    with torch.no_grad():
+        layer.router.weight[3] = -5.0  # positive inputs never pick expert 3
+    hidden = torch.rand(16, 4, 16, generator=torch.Generator().manual_seed(10)) + 0.5
+    out, _ = layer(hidden)
+    out.sum().backward()
+    report = layer.stgc.last
+    assert not report.routing_map[:, 3].any()
+    assert torch.isnan(report.cos[:, 3]).all() and not report.conflicts[:, 3].any()
+    assert (~torch.isnan(report.cos[:, :3])).sum() == report.routing_map[:, :3].sum()
