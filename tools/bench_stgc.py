@@ -140,12 +140,6 @@ def _step(objects, variant, batch, args):
     return train_step(objects.model, data_iterator=iter([batch]), num_microbatches=1, **kwargs)
 
 
-def _flags(objects):
-    from megatron_stgc.stgc.two_pass import stgc_layers
-
-    return [layer.stgc.last.conflicts.clone() for layer in stgc_layers(objects.model)]
-
-
 def _estimator_agreement(built, variant, batch, args):
     """Same weights, same batch: share of judged pairs whose flag the estimator reproduces."""
     from megatron.core.pipeline_parallel import get_forward_backward_func

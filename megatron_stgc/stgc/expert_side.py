@@ -26,12 +26,13 @@ class ExpertResult:
     consistency: torch.Tensor | None  # [local_E] mean pairwise cosine, or None
 
 
-def _group_size(group) -> int:
+def group_size(group) -> int:
+    """Size of a process group; 1 for None (no group)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
-    if _group_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor
 
@@ -43,7 +44,7 @@ def _global_weight_grads(experts: list[list[LinearGrads]], expert_dp_group):
         for linears in experts
         for lin in linears
     ]
-    if _group_size(expert_dp_group) > 1:
+    if group_size(expert_dp_group) > 1:
         flat_pieces = [t.reshape(-1) for pair in sums for t in pair if t is not None]
         flat = _all_reduce(torch.cat(flat_pieces), expert_dp_group)
         reduced = iter(torch.split(flat, [p.numel() for p in flat_pieces]))

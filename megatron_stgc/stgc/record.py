@@ -55,7 +55,7 @@ class ConflictRecord:
 
 @dataclass
 class MetricSums:
-    """Running sums since the last ``pop``; reduced over ranks by metrics.collect."""
+    """Running sums since the last collect; reduced over ranks by metrics.collect_stgc_metrics."""
 
     token_loss: float = 0.0
     conflicting_pairs: float = 0.0

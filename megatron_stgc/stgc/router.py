@@ -30,16 +30,16 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_stgc.stgc import math as stgc_math
+from megatron_stgc.stgc.expert_side import group_size
 from megatron_stgc.stgc.record import APPLY, IDENTIFY, ConflictRecord, LayerSTGCState, STGCReport
 
 
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _main_loss_scale() -> torch.Tensor:
+def _main_loss_scale(device) -> torch.Tensor:
+    """megatron-core's main-loss backward scale (0-d, on ``device``; no host sync)."""
     scale = MoEAuxLossAutoScaler.main_loss_backward_scale
-    return torch.ones(()) if scale is None else scale.detach().float().cpu().reshape(())
+    if scale is None:
+        return torch.ones((), device=device)
+    return scale.detach().float().reshape(()).to(device)
 
 
 class STGCRouter(TopKRouter):
@@ -81,7 +81,8 @@ class STGCRouter(TopKRouter):
             (nll_grad,) = torch.autograd.grad(nll_sum, z)
         totals = self._global_totals(logits, conflicts, record, nll_sum.detach())
         normalizer = totals[0].clamp(min=1.0) * logits.shape[-1]
-        scale = config.beta * self._layout_scale(logits) * _main_loss_scale() / normalizer
+        loss_scale = _main_loss_scale(logits.device)
+        scale = config.beta * self._layout_scale(logits) * loss_scale / normalizer
         self._log(totals, normalizer)
         self._report(record, conflicts)
         return (nll_grad * scale).to(logits.dtype)
@@ -99,12 +100,12 @@ class STGCRouter(TopKRouter):
         totals = torch.stack(
             [count.float(), judged.sum().float(), conflicts.sum().float(), scores, nll_sum.float()]
         )
-        if _group_size(self.tp_dp_cp_group) > 1:
+        if group_size(self.tp_dp_cp_group) > 1:
             dist.all_reduce(totals, group=self.tp_dp_cp_group)
         return totals
 
     def _layout_scale(self, logits) -> float:
-        dp_cp_size = _group_size(self.tp_dp_cp_group) // _group_size(self.tp_cp_group)
+        dp_cp_size = group_size(self.tp_dp_cp_group) // group_size(self.tp_cp_group)
         if self.calculate_per_token_loss:
             return dp_cp_size * logits.shape[0]
         return dp_cp_size
@@ -125,7 +126,7 @@ class STGCRouter(TopKRouter):
     def _report(self, record: ConflictRecord, conflicts: torch.Tensor) -> None:
         cos = record.cos_map
         if cos is None:
-            cos = torch.full(conflicts.shape, float("nan"))
+            cos = torch.full_like(conflicts, float("nan"), dtype=torch.float32)
         cos = torch.where(record.routing_map, cos, torch.full_like(cos, float("nan")))
         self.stgc.last = STGCReport(cos=cos, conflicts=conflicts, routing_map=record.routing_map)
 

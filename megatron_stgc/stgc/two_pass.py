@@ -40,20 +40,15 @@ def stgc_mode(model, mode: str):
             layer.stgc.mode = SINGLE_PASS
 
 
-def two_pass_forward_backward(
-    model, forward_backward: Callable[[], object], zero_grads: Callable[[], None]
-):
-    """Identify with one forward_backward(), drop its gradients, apply with a second.
+def _identify_then_apply(model, identify: Callable[[], object], apply: Callable[[], object]):
+    """Run ``identify`` in identify mode and ``apply`` in apply mode; returns apply's result.
 
-    forward_backward runs every micro-batch of the step (forward and backward) and
-    must replay the same micro-batches both times; zero_grads clears the gradients
-    (e.g. DDP's zero_grad_buffer). Returns what the second call returns.
+    Every micro-batch the identify pass queued must be consumed by the apply pass.
     """
     with stgc_mode(model, IDENTIFY) as layers:
-        forward_backward()
-        zero_grads()
+        identify()
     with stgc_mode(model, APPLY):
-        result = forward_backward()
+        result = apply()
     leftover = [layer.stgc.layer_number for layer in layers if layer.stgc.identified]
     for layer in layers:
         layer.stgc.identified.clear()
@@ -63,6 +58,23 @@ def two_pass_forward_backward(
             "than in the identify pass"
         )
     return result
+
+
+def two_pass_forward_backward(
+    model, forward_backward: Callable[[], object], zero_grads: Callable[[], None]
+):
+    """Identify with one forward_backward(), drop its gradients, apply with a second.
+
+    forward_backward runs every micro-batch of the step (forward and backward) and
+    must replay the same micro-batches both times; zero_grads clears the gradients
+    (e.g. DDP's zero_grad_buffer). Returns what the second call returns.
+    """
+
+    def identify():
+        forward_backward()
+        zero_grads()
+
+    return _identify_then_apply(model, identify, forward_backward)
 
 
 def set_consistency_collection(model, enabled: bool) -> None:
@@ -98,17 +110,15 @@ def two_pass_train_step(train_step, model, data_iterator, num_microbatches: int,
     )
     if forward_step_func is None:
         from megatron_stgc.training.forward import gpt_forward_step as forward_step_func
-    with stgc_mode(model, IDENTIFY) as layers:
+
+    def identify():
         get_forward_backward_func()(
             forward_step_func=forward_step_func, data_iterator=iter(batches), model=model,
             forward_only=False, **schedule_kwargs,
         )
-    with stgc_mode(model, APPLY):
-        result = train_step(model=model, data_iterator=iter(batches),
-                            num_microbatches=num_microbatches, **step_kwargs)
-    leftover = [layer.stgc.layer_number for layer in layers if layer.stgc.identified]
-    if leftover:
-        for layer in layers:
-            layer.stgc.identified.clear()
-        raise RuntimeError(f"STGC two-pass: layers {leftover} kept unused identify results")
-    return result
+
+    def apply():
+        return train_step(model=model, data_iterator=iter(batches),
+                          num_microbatches=num_microbatches, **step_kwargs)
+
+    return _identify_then_apply(model, identify, apply)
