@@ -48,8 +48,33 @@ class ModelConfig:
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = False
+    swiglu: bool = False  # gated SiLU FFN (StableLM-2, LLaMA)
+    add_qkv_bias: bool = False  # bias on the QKV projection only (StableLM-2)
+    rotary_percent: float = 1.0  # fraction of each head's dims rotated (StableLM-2: 0.25)
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     use_te: Optional[bool] = None  # None = TE spec when CUDA is available
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower and projector of a LLaVA-style model; off when vision_model_type is None."""
+
+    vision_model_type: Optional[str] = None  # None = text-only GPT | "clip" | "siglip"
+    vision_num_layers: int = 2
+    vision_hidden_size: int = 64
+    vision_ffn_hidden_size: Optional[int] = None  # default 4 * vision_hidden_size
+    vision_num_attention_heads: int = 4
+    img_h: int = 32
+    img_w: int = 32
+    patch_dim: int = 8
+    disable_vision_class_token: bool = True  # drop the class token's output (LLaVA)
+    freeze_vit: bool = False  # no updates to the vision tower
+    freeze_projection: bool = False  # no updates to the vision-to-language projector
+    freeze_lm: bool = False  # no updates to the language model except its MoE layers (stage III)
+    pretrained_checkpoint: Optional[str] = None  # tools/convert_hf_to_megatron.py output
+    moe_use_upcycling: bool = False  # pretrained dense FFNs -> each expert (MoE-LLaVA stage III)
 
 
 @dataclass
@@ -90,6 +115,8 @@ class DataConfig:
     vocab_size: int = 512  # size of the tokenizer trained at first run
     num_samples: int = 4000  # samples generated for the embedded data set
     cache_dir: Optional[str] = None  # default: <save>/cache or ~/.cache/megatron_stgc
+    image_root: Optional[str] = None  # folder the LLaVA records' "image" paths are under
+    image_loader: str = "auto"  # "auto" (DALI if installed, else PIL) | "dali" | "pil"
 
 
 @dataclass
@@ -109,6 +136,7 @@ class LoggingConfig:
 
 SECTIONS = {
     "model": ModelConfig,
+    "vision": VisionConfig,
     "parallel": ParallelConfig,
     "precision": PrecisionConfig,
     "training": TrainingConfig,
@@ -125,6 +153,7 @@ STGC_FLAG_NAMES = {f.name: ("stgc" if f.name == "enabled" else f"stgc_{f.name}")
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -287,6 +316,8 @@ def fill_defaults(config: RunConfig) -> RunConfig:
         m.ffn_hidden_size = 4 * m.hidden_size
     if m.moe_ffn_hidden_size is None:
         m.moe_ffn_hidden_size = m.ffn_hidden_size
+    if config.vision.vision_ffn_hidden_size is None:
+        config.vision.vision_ffn_hidden_size = 4 * config.vision.vision_hidden_size
     return config
 
 
@@ -416,6 +447,10 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
         _require(m.moe_router_pre_softmax is not False,
                  "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core requires it)")
 
+    _require(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
+    _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
+    _validate_vision(config)
+
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
                  ("--fp8-format" if pr.fp8_format else "--use-te")
@@ -427,6 +462,46 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _validate_with_megatron_core(config)
+
+
+def _validate_vision(config: RunConfig) -> None:
+    """The vision section and the data flags that only make sense with (or without) it."""
+    v, d = config.vision, config.data
+    _require(d.image_loader in ("auto", "dali", "pil"),
+             f"--image-loader must be 'auto', 'dali' or 'pil', got {d.image_loader!r}")
+    if v.vision_model_type is None:
+        for key in ("freeze_vit", "freeze_projection"):
+            _require(not getattr(v, key), f"{flag(key)} needs --vision-model-type")
+        _require(d.image_root is None, "--image-root needs --vision-model-type")
+    else:
+        _require(v.vision_model_type in ("clip", "siglip"),
+                 f"--vision-model-type must be 'clip' or 'siglip', got {v.vision_model_type!r}")
+        _require(d.data_path is not None,
+                 "--vision-model-type needs --data-path (a LLaVA-format JSON/JSONL file; "
+                 "tools/make_digits_mix.py writes the embedded default)")
+        for key in ("vision_num_layers", "vision_hidden_size", "vision_ffn_hidden_size",
+                    "vision_num_attention_heads", "img_h", "img_w", "patch_dim"):
+            _require(getattr(v, key) >= 1, f"{flag(key)} must be >= 1, got {getattr(v, key)}")
+        _require(v.vision_hidden_size % v.vision_num_attention_heads == 0,
+                 f"--vision-hidden-size ({v.vision_hidden_size}) must be divisible by "
+                 f"--vision-num-attention-heads ({v.vision_num_attention_heads})")
+        _require(v.img_h % v.patch_dim == 0 and v.img_w % v.patch_dim == 0,
+                 f"--img-h ({v.img_h}) and --img-w ({v.img_w}) must be multiples of "
+                 f"--patch-dim ({v.patch_dim})")
+        _require(v.vision_model_type != "siglip" or v.disable_vision_class_token,
+                 "--vision-model-type siglip has no class token: keep --disable-vision-class-token")
+        _require(config.parallel.tensor_model_parallel_size == 1,
+                 "--vision-model-type with --tensor-model-parallel-size > 1 is not supported yet")
+        if d.image_root is not None:
+            _require(os.path.isdir(d.image_root), f"--image-root: {d.image_root} is not a directory")
+    if v.moe_use_upcycling:
+        _require(v.pretrained_checkpoint is not None,
+                 "--moe-use-upcycling needs --pretrained-checkpoint (a dense checkpoint)")
+        _require(config.model.num_experts is not None, "--moe-use-upcycling needs --num-experts")
+    if v.pretrained_checkpoint is not None:
+        _require(os.path.isfile(os.path.join(v.pretrained_checkpoint, "model.pt")),
+                 f"--pretrained-checkpoint: {v.pretrained_checkpoint}/model.pt does not exist "
+                 "(tools/convert_hf_to_megatron.py writes it)")
 
 
 def _validate_with_megatron_core(config: RunConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -38,7 +39,11 @@ def transformer_config_from(config: RunConfig) -> TransformerConfig:
         ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
         add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
         normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
@@ -94,6 +99,8 @@ def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
         parallel_output=True,
         share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
         position_embedding_type=config.model.position_embedding_type,
+        rotary_percent=config.model.rotary_percent,
+        rotary_base=config.model.rotary_base,
     )
     install_expert_bias_fix(model)
     return model
