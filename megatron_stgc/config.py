@@ -32,6 +32,7 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
     moe_ffn_hidden_size: Optional[int] = None  # default ffn_hidden_size
     num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # grouped-query attention: K/V heads (None = no GQA)
     seq_length: int = 64
     num_experts: Optional[int] = 4
     moe_router_topk: int = 2
@@ -338,6 +339,10 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
 
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"--hidden-size ({m.hidden_size}) must be divisible by "
+             f"--num-attention-heads ({m.num_attention_heads})")
+    _require(m.num_query_groups is None or (m.num_query_groups >= 1 and
+                                            m.num_attention_heads % m.num_query_groups == 0),
+             f"--num-query-groups ({m.num_query_groups}) must divide "
              f"--num-attention-heads ({m.num_attention_heads})")
     tp, ep = p.tensor_model_parallel_size, p.expert_model_parallel_size
     _require(world_size % tp == 0,

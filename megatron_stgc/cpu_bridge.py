@@ -44,6 +44,9 @@ Patches (all applied by ``install()``):
                           ``torch.cuda.synchronize()`` before writing and
                           reduces its validation flag on ``device="cuda"``; on CPU
                           synchronize is a no-op and the flag is a CPU tensor.
+* ``vit_position_ids``    ``CLIPViTModel.__init__`` moves its position ids to the GPU
+                          with ``.cuda()``; while it runs on CPU, ``Tensor.cuda()``
+                          returns the tensor itself, so the ids stay on the CPU.
 """
 
 from __future__ import annotations
@@ -254,6 +257,30 @@ def _patch_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = cpu_causal_mask
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Inside: ``tensor.cuda()`` returns ``tensor`` (it stays on the CPU)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _patch_vit_position_ids() -> None:
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+
+    original = CLIPViTModel.__init__
+
+    @functools.wraps(original)
+    def init_on_cpu(self, *args, **kwargs):
+        with _tensor_cuda_is_identity():
+            original(self, *args, **kwargs)
+
+    CLIPViTModel.__init__ = init_on_cpu
+
+
 _PATCHES = {
     "current_device": _patch_current_device,
     "rng_state": _patch_rng_state,
@@ -265,6 +292,7 @@ _PATCHES = {
     "optimizer_device": _patch_optimizer_device,
     "tensor_type_checks": _patch_tensor_type_checks,
     "checkpoint_device": _patch_checkpoint_device,
+    "vit_position_ids": _patch_vit_position_ids,
 }
 
 

@@ -128,6 +128,21 @@ def check_checkpoint_device():
         assert loaded["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
+def check_vit_position_ids():
+    from megatron.core import tensor_parallel
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2,
+                               use_cpu_initialization=True, gradient_accumulation_fusion=False)
+    vit = CLIPViTModel(config, get_vit_layer_with_local_spec(), ln_pre_impl=WrappedTorchNorm,
+                       patch_dim=4, img_h=8, img_w=8)
+    assert vit(torch.randn(2, 3, 8, 8)).shape == (2, 5, 8)
+
+
 CHECKS = {
     "current_device": check_current_device,
     "rng_state": check_rng_state,
@@ -139,6 +154,7 @@ CHECKS = {
     "optimizer_device": check_optimizer_device,
     "tensor_type_checks": check_tensor_type_checks,
     "checkpoint_device": check_checkpoint_device,
+    "vit_position_ids": check_vit_position_ids,
 }
 
 

@@ -38,6 +38,7 @@ def transformer_config_from(config: RunConfig) -> TransformerConfig:
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         gated_linear_unit=m.swiglu,

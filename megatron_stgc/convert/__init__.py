@@ -1,0 +1,143 @@
+"""Hugging Face -> megatron-core weights for our LLaVA-style model (TP=1, full tensors).
+
+* ``hf_clip``: transformers CLIPVisionModel -> megatron-core CLIPViTModel
+  (``megatron_stgc.model.vision.build_vision_model``).
+* ``hf_stablelm``: transformers StableLmForCausalLM -> dense megatron-core
+  GPTModel (``megatron_stgc.model.gpt.build_gpt_model`` with ``--num-experts none``).
+
+Both are pure functions of (HF state dict, HF config) returning a state dict
+of the megatron module with the local (non Transformer Engine) spec; each
+also has a ``*_flags`` function that gives the run-config flags the megatron
+module must be built with. ``_extra_state`` entries (megatron's per-linear
+FP8 metadata, ``None`` here) are not produced: load with ``load_converted``,
+which checks that every real parameter was assigned. ``to_te_layout`` renames
+the norms for the Transformer Engine spec, whose fused LayerNorm+linear
+modules own the layer norms.
+
+Shared layout rule (``fuse_qkv``): megatron's ``linear_qkv`` stacks, for each
+query group g (= K/V head g), that group's query heads, then its key head,
+then its value head: [g0: q.. k v | g1: q.. k v | ...] along the output dim.
+
+``convert_pretrained`` / ``write_pretrained`` are what
+tools/convert_hf_to_megatron.py runs: ``model.pt`` = {"model": state dict with
+keys prefixed ``vision_model.`` / ``language_model.``} and ``args.yaml`` = the
+flags (flat YAML, usable with ``--config``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Optional
+
+import torch
+import yaml
+
+
+VOCAB_MULTIPLE = 128  # default vocab padding, as megatron pads for TP=1
+
+
+class ConversionError(ValueError):
+    """The Hugging Face model uses a feature the megatron model here does not have."""
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+             num_groups: int) -> torch.Tensor:
+    """Megatron's fused QKV from separate projections (weights [out, in] or biases [out]).
+
+    q [heads * d, ...], k and v [groups * d, ...] -> [(heads + 2 * groups) * d, ...]
+    ordered per group: that group's heads / groups query heads, its key, its value.
+    """
+    d = q.shape[0] // num_heads
+    rest = q.shape[1:]
+    q = q.reshape(num_groups, (num_heads // num_groups) * d, *rest)  # [g, q_per_g * d, ...]
+    k = k.reshape(num_groups, d, *rest)  # [g, d, ...]
+    v = v.reshape(num_groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def find_prefix(state_dict: dict, suffix: str, what: str) -> str:
+    """The key prefix in front of ``suffix`` ('model.', 'vision_model.', ...)."""
+    for key in state_dict:
+        if key.endswith(suffix):
+            return key[:-len(suffix)]
+    raise ConversionError(f"{what}: no key ending in {suffix!r} in the state dict "
+                          f"(first keys: {list(state_dict)[:5]})")
+
+
+def take(state_dict: dict, key: str, what: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ConversionError(f"{what}: the state dict has no {key!r}")
+    return state_dict[key]
+
+
+def load_converted(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a converted state dict; every parameter must be given ("_extra_state" may be absent)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ConversionError(f"converted weights do not match {type(module).__name__}: "
+                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+_LAYER_NORM = re.compile(r"^(.*layers\.\d+\.)(input_layernorm|pre_mlp_layernorm)\.(weight|bias)$")
+
+
+def to_te_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Local-spec keys -> Transformer Engine spec keys (dense layers: norms fused into linears).
+
+    layers.i.input_layernorm.w   -> layers.i.self_attention.linear_qkv.layer_norm_w
+    layers.i.pre_mlp_layernorm.w -> layers.i.mlp.linear_fc1.layer_norm_w
+    """
+    owner = {"input_layernorm": "self_attention.linear_qkv", "pre_mlp_layernorm": "mlp.linear_fc1"}
+    out = {}
+    for key, value in state.items():
+        match = _LAYER_NORM.match(key)
+        if match:
+            key = f"{match.group(1)}{owner[match.group(2)]}.layer_norm_{match.group(3)}"
+        out[key] = value
+    return out
+
+
+def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[str] = None,
+                       vision_num_layers: Optional[int] = None,
+                       padded_vocab_size: Optional[int] = None, te_layout: bool = False,
+                       log: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """Read HF save_pretrained directories -> (prefixed megatron state dict, flags).
+
+    ``padded_vocab_size`` None: the HF vocabulary rounded up to a multiple of 128.
+    """
+    from megatron_stgc.convert import hf_clip, hf_stablelm
+
+    if vision_dir is None and language_dir is None:
+        raise ConversionError("nothing to convert: give a vision model, a language model or both")
+    state: dict[str, torch.Tensor] = {}
+    flags: dict = {}
+    parts = []
+    if vision_dir is not None:
+        hf_state, hf_config = hf_clip.load_hf_clip_vision(vision_dir, log)
+        flags.update(hf_clip.clip_vision_flags(hf_config, vision_num_layers))
+        parts.append(("vision_model", hf_clip.convert_clip_vision(
+            hf_state, hf_config, flags["vision_num_layers"])))
+    if language_dir is not None:
+        hf_state, hf_config = hf_stablelm.load_hf_stablelm(language_dir, log)
+        flags.update(hf_stablelm.stablelm_flags(hf_config))
+        rows = padded_vocab_size or -(-hf_config.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        log(f"language_model: vocab {hf_config.vocab_size} padded to {rows} rows")
+        parts.append(("language_model", hf_stablelm.convert_stablelm(hf_state, hf_config, rows)))
+    for prefix, part_state in parts:
+        if te_layout:
+            part_state = to_te_layout(part_state)
+        log(f"{prefix}: {len(part_state)} tensors, "
+            f"{sum(t.numel() for t in part_state.values()):,} parameters")
+        state.update({f"{prefix}.{key}": value for key, value in part_state.items()})
+    return state, flags
+
+
+def write_pretrained(output_dir: str, state: dict[str, torch.Tensor], flags: dict) -> None:
+    """OUTPUT/model.pt ({"model": state}) and OUTPUT/args.yaml (flat flags)."""
+    os.makedirs(output_dir, exist_ok=True)
+    torch.save({"model": {key: value.contiguous() for key, value in state.items()}},
+               os.path.join(output_dir, "model.pt"))
+    with open(os.path.join(output_dir, "args.yaml"), "w") as f:
+        yaml.safe_dump(flags, f, sort_keys=False)
