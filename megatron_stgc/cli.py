@@ -15,7 +15,8 @@ from megatron_stgc.config import ConfigError, build_arg_parser, parse_run_config
 USAGE = """usage: megatron-stgc <command> [flags]
 
 commands:
-  train         train a GPT MoE model (run under torchrun for >1 process)
+  train         train a GPT MoE or MoE-LLaVA model (run under torchrun for >1 process)
+  eval          greedy answers for a LLaVA question file from a checkpoint, scored
   print-config  print the resolved configuration as YAML and exit
 
 run `megatron-stgc train --help` for the flags."""
@@ -29,6 +30,18 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    import argparse
+
+    from megatron_stgc.eval.generate import EvalOptions, add_eval_flags, run_eval
+
+    parser = argparse.ArgumentParser(prog="megatron-stgc eval", add_help=False)
+    add_eval_flags(parser)
+    eval_args, rest = parser.parse_known_args(argv)
+    run_eval(parse_run_config(rest), EvalOptions(**vars(eval_args)))
+    return 0
+
+
 def _print_config(argv: list[str]) -> int:
     import yaml
 
@@ -39,7 +52,7 @@ def _print_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "print-config": _print_config}
+COMMANDS = {"train": _train, "eval": _eval, "print-config": _print_config}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -51,8 +64,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"megatron-stgc: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    if command == "train" and rest and rest[0] in ("-h", "--help"):
-        build_arg_parser().print_help()
+    if command in ("train", "eval") and rest and rest[0] in ("-h", "--help"):
+        if command == "eval":
+            import argparse
+
+            from megatron_stgc.eval.generate import add_eval_flags
+
+            parser = argparse.ArgumentParser(prog="megatron-stgc eval",
+                                             description="eval flags; the model/data flags are "
+                                             "those of train (use the training --config)")
+            add_eval_flags(parser)
+            parser.print_help()
+        else:
+            build_arg_parser().print_help()
         return 0
     try:
         return COMMANDS[command](rest)

@@ -1,4 +1,9 @@
-"""Tokens routed to each expert, per MoE layer, counted by forward hooks on the routers."""
+"""Tokens routed to each expert, per MoE layer, counted by forward hooks on the routers.
+
+With a vision-language model the counts are also split by the modality of the
+routed token (text / image; padding excluded), the paper's Fig. 4 statistic:
+the model's ``ModalityContext`` says which of the router's tokens are which.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ class ExpertLoadCounter:
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.counts: dict[int, torch.Tensor] = {}
+        self.modality_counts: dict[int, torch.Tensor] = {}  # [modalities, experts]
+        self.modality_context = getattr(model, "modality", None)
         self.handles = []
         for module in model.modules():
             if isinstance(module, TopKRouter):
@@ -39,8 +46,27 @@ class ExpertLoadCounter:
                 self.counts[layer] += per_expert.to(torch.long)
             else:
                 self.counts[layer] = per_expert.to(torch.long).cpu()
+            if self.by_modality and self.modality_context.current is not None:
+                self._count_by_modality(layer, routing_map, self.modality_context.current)
 
         return count
+
+    @property
+    def by_modality(self) -> bool:
+        return self.modality_context is not None
+
+    def _count_by_modality(self, layer: int, routing_map: torch.Tensor,
+                           modality: torch.Tensor) -> None:
+        """routing_map: [tokens, experts] bool; modality: [tokens] (megatron's s*b order)."""
+        from megatron_stgc.model.modality import MODALITY_NAMES
+
+        routed = routing_map.reshape(-1, routing_map.shape[-1]).to(torch.long)
+        rows = torch.stack([routed[modality.to(routed.device) == code].sum(dim=0)
+                            for code in sorted(MODALITY_NAMES)]).cpu()
+        if layer in self.modality_counts:
+            self.modality_counts[layer] += rows
+        else:
+            self.modality_counts[layer] = rows
 
     def collect(self) -> dict[str, list[int]]:
         """{"layer_<n>": [tokens per expert]} summed over ranks since the last collect."""
@@ -52,6 +78,21 @@ class ExpertLoadCounter:
             dist.all_reduce(stacked)
         self.counts = {}
         return {f"layer_{layer}": row.tolist() for layer, row in zip(layers, stacked)}
+
+    def collect_by_modality(self) -> dict[str, dict[str, list[int]]]:
+        """{"layer_<n>": {"text": [...], "image": [...]}} summed over ranks; collective."""
+        from megatron_stgc.model.modality import MODALITY_NAMES
+
+        layers = sorted(self.modality_counts)
+        names = [MODALITY_NAMES[code] for code in sorted(MODALITY_NAMES)]
+        if not layers:
+            return {}
+        stacked = torch.stack([self.modality_counts[layer] for layer in layers])
+        if dist.is_initialized():
+            dist.all_reduce(stacked)
+        self.modality_counts = {}
+        return {f"layer_{layer}": {name: row.tolist() for name, row in zip(names, per_layer)}
+                for layer, per_layer in zip(layers, stacked)}
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -23,9 +23,17 @@ def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
 
 
+VISION_KEYS = ("images", "modality")  # batch keys only the vision-language model takes
+
+
 def gpt_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    """forward_step_func for megatron-core's get_forward_backward_func()."""
+    """forward_step_func for megatron-core's get_forward_backward_func().
+
+    Text batches: GPTModel(tokens, position_ids, labels). Vision-language batches
+    also carry ``images`` and ``modality``, passed on to MoELLaVAModel.
+    """
     batch = next(data_iterator)
+    extras = {key: batch[key] for key in VISION_KEYS if key in batch}
     per_token_loss = model(batch["tokens"], batch["position_ids"], attention_mask=None,
-                           labels=batch["labels"])
+                           labels=batch["labels"], **extras)
     return per_token_loss, partial(masked_lm_loss, batch["loss_mask"])

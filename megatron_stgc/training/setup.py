@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -12,6 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_stgc.config import RunConfig
+from megatron_stgc.model.freeze import apply_freezing
 from megatron_stgc.model.gpt import build_gpt_model
 
 
@@ -23,10 +25,11 @@ class TrainingObjects:
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     transformer_config: TransformerConfig
+    notes: tuple[str, ...] = ()  # what model building did (pretrained weights, freezing)
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
-        """The GPTModel inside DDP (for hooks, state dicts, inspection)."""
+        """The GPTModel or MoELLaVAModel inside DDP (for hooks, state dicts, inspection)."""
         return self.model[0].module
 
 
@@ -75,7 +78,31 @@ def build_scheduler(optimizer: MegatronOptimizer, config: RunConfig) -> Optimize
     )
 
 
-def build_model_and_optimizer(config: RunConfig, vocab_size: int) -> TrainingObjects:
+def build_model(config: RunConfig, vocab_size: int,
+                image_token_id: Optional[int] = None) -> tuple[torch.nn.Module, list[str]]:
+    """GPTModel, or MoELLaVAModel with --vision-model-type; pretrained weights and freezing
+    applied. Returns (model, notes for the log)."""
+    model = build_gpt_model(config, vocab_size)
+    if config.vision.vision_model_type is not None:
+        from megatron_stgc.model.llava import build_llava_model
+
+        if image_token_id is None:
+            raise ValueError("a vision-language model needs the image token id")
+        model = build_llava_model(config, model, image_token_id)
+    notes = []
+    if config.vision.pretrained_checkpoint is not None:
+        from megatron_stgc.model.pretrained import load_pretrained
+
+        notes.append(load_pretrained(model, config, vocab_size))
+    frozen = apply_freezing(model, config)
+    if frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        notes.append(f"frozen: {len(frozen)} parameter tensors; {trainable} parameters train")
+    return model, notes
+
+
+def build_model_and_optimizer(config: RunConfig, vocab_size: int,
+                              image_token_id: Optional[int] = None) -> TrainingObjects:
     """Build this rank's model (DDP-wrapped), optimizer and LR scheduler in-process.
 
     Call after ``parallel.initialize_distributed`` and
@@ -85,7 +112,7 @@ def build_model_and_optimizer(config: RunConfig, vocab_size: int) -> TrainingObj
     optimizer's loss scaling, so ``get_forward_backward_func()`` runs the full
     step. STGC (``config.stgc.enabled``) enters through the layer spec.
     """
-    gpt = build_gpt_model(config, vocab_size)
+    gpt, notes = build_model(config, vocab_size, image_token_id)
     ddp = wrap_ddp(gpt, config)
     model = [ddp]
     optimizer = get_megatron_optimizer(optimizer_config_from(config), model)
@@ -93,4 +120,5 @@ def build_model_and_optimizer(config: RunConfig, vocab_size: int) -> TrainingObj
     transformer_config.finalize_model_grads_func = finalize_model_grads
     transformer_config.no_sync_func = ddp.no_sync
     transformer_config.grad_scale_func = optimizer.scale_loss
-    return TrainingObjects(model, optimizer, build_scheduler(optimizer, config), transformer_config)
+    return TrainingObjects(model, optimizer, build_scheduler(optimizer, config), transformer_config,
+                           tuple(notes))

@@ -45,9 +45,29 @@ def cache_dir_for(config: RunConfig) -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "megatron_stgc")
 
 
+def build_vision_language_data(config: RunConfig):
+    """The LLaVA data set (index, tokenizer, image loader) for --vision-model-type runs."""
+    from megatron_stgc.data.images import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+    from megatron_stgc.data.images import ImagePreprocessor
+    from megatron_stgc.data.llava_dataset import build_llava_dataset
+    from megatron_stgc.model.vision import num_image_tokens
+
+    v = config.vision
+    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if v.vision_model_type == "siglip" else (CLIP_MEAN,
+                                                                                   CLIP_STD)
+    loader = ImagePreprocessor(v.img_h, v.img_w, mean, std, backend=config.data.image_loader)
+    return build_llava_dataset(
+        config.data.data_path, config.data.image_root, cache_dir_for(config),
+        seed=config.training.seed, seq_length=config.model.seq_length,
+        num_image_tokens=num_image_tokens(config), image_loader=loader,
+        tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size)
+
+
 def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
     """Build the data set on rank 0 first (it may train the tokenizer), then on the others."""
     def build():
+        if config.vision.vision_model_type is not None:
+            return build_vision_language_data(config)
         return build_dataset(
             seq_length=config.model.seq_length, seed=config.training.seed,
             cache_dir=cache_dir_for(config), data_path=config.data.data_path,
@@ -57,6 +77,18 @@ def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
     result = build() if dist.get_rank() == 0 else None
     dist.barrier()
     return result if result is not None else build()
+
+
+def image_token_id_of(dataset) -> Optional[int]:
+    """The id reserved for image positions (vision-language data), else None."""
+    return getattr(dataset, "image_token_id", None)
+
+
+def model_vocab_size(config: RunConfig, tokenizer: Tokenizer, dataset) -> int:
+    """Tokenizer vocabulary (+1 for the image token), padded for TP."""
+    extra = 0 if image_token_id_of(dataset) is None else 1
+    return padded_vocab_size(tokenizer.vocab_size + extra,
+                             config.parallel.tensor_model_parallel_size)
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
@@ -111,8 +143,34 @@ def step_record(config: RunConfig, progress: TrainProgress, result: StepResult,
     }
     record.update(moe_aux_losses(config, n_micro))
     record["tokens_per_expert"] = expert_load.collect()
+    if expert_load.by_modality:
+        record["tokens_per_expert_by_modality"] = expert_load.collect_by_modality()
     record.update(metrics.collect_registered_metrics())
     return record
+
+
+def global_bad_sample_count(dataset) -> int:
+    """Records found unusable while loading batches, summed over data-parallel ranks."""
+    total = torch.tensor([dataset.bad_samples.total], dtype=torch.long)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return int(total)
+
+
+def data_report(dataset) -> str:
+    """The data set's bad-sample report with the in-use counts of all ranks merged."""
+    from megatron_stgc.data.llava_index import BadSampleCounter
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dataset.bad_samples.to_json())
+    merged = BadSampleCounter()
+    for counts in gathered:
+        for kind, count in counts["counts"].items():
+            merged.counts[kind] = merged.counts.get(kind, 0) + count
+            merged.examples.setdefault(kind, []).extend(counts["examples"][kind])
+    for kind in merged.examples:
+        merged.examples[kind] = sorted(set(merged.examples[kind]))[:merged.max_examples]
+    in_use = merged.report().replace("bad samples:", "bad samples found in use (all ranks):")
+    return f"{dataset.index.report()}\n{in_use}"
 
 
 def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLogger) -> TrainProgress:
@@ -151,6 +209,8 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
         progress.consumed_samples += t.global_batch_size
         record = step_record(config, progress, result, step_time, n_micro, expert_load)
         record["skipped_steps"] = guard.skipped_steps
+        if hasattr(dataset, "bad_samples"):
+            record["bad_samples_in_use"] = global_bad_sample_count(dataset)
         logger.log(record)
         guard.check_loss(record["loss"])
         records.append(record)
@@ -185,16 +245,21 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
                                            config.training.seed)
         seed_everything(config.training.seed)
         dataset, tokenizer = prepare_data(config)
-        vocab = padded_vocab_size(tokenizer.vocab_size, config.parallel.tensor_model_parallel_size)
-        objects = build_model_and_optimizer(config, vocab)
+        vocab = model_vocab_size(config, tokenizer, dataset)
+        objects = build_model_and_optimizer(config, vocab, image_token_id_of(dataset))
         logger = StepLogger(dist.get_rank(), config.training.train_iters,
                             config.logging.log_interval, config.logging.log_file,
                             config.logging.tensorboard_dir)
         logger.message(_describe(config, objects, tokenizer, dataset))
+        for note in objects.notes:
+            logger.message(note)
         progress = resume_or_start(config, objects, logger)
         register_stgc_metrics(config, objects)
         try:
-            return train_loop(config, objects, dataset, progress, logger)
+            records = train_loop(config, objects, dataset, progress, logger)
+            if hasattr(dataset, "bad_samples"):
+                logger.message(data_report(dataset))
+            return records
         finally:
             unregister_stgc_metrics()
             logger.close()
@@ -210,5 +275,6 @@ def _describe(config: RunConfig, objects: TrainingObjects, tokenizer: Tokenizer,
             f"EP {config.parallel.expert_model_parallel_size}, "
             f"DP {parallel_state.get_data_parallel_world_size()}) | "
             f"{params} parameters on rank 0 | vocab {tokenizer.vocab_size} | "
-            f"{len(dataset)} packed samples of {config.model.seq_length} tokens | "
+            f"{len(dataset)} {'records' if hasattr(dataset, 'index') else 'packed samples'} "
+            f"of <= {config.model.seq_length} tokens | "
             f"{num_microbatches(config)} micro-batches per step")

@@ -1,0 +1,179 @@
+"""LLaVA instruction data -> micro-batches of tokens, labels, images and modality.
+
+Positions and records: the run's ``i``-th sample is the record
+``ShardedSampler.record_index(i)`` (a seeded permutation per epoch over the
+index's good records), and global batch ``g`` / DP rank ``r`` own the same
+positions as in the text-only data set (``dataset.micro_batch_indices``), so a
+checkpoint's ``consumed_samples`` says exactly where to resume.
+
+A record that turns out unusable only when it is used (corrupt image file,
+``<image>`` tag problems, image tokens that do not fit ``--seq-length``) is
+counted by kind in ``bad_samples`` and replaced by the next record of the same
+epoch's permutation: deterministic, so a resumed run makes the same
+replacement, and never silent (``report()``; the trainer logs the counts).
+
+One sample per row (no packing): ``seq_length + 1`` ids padded at the end;
+``modality`` marks padding / text / image positions for per-modality MoE
+routing statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_stgc.data.conversation import BadConversation, tokenize_conversation
+from megatron_stgc.data.images import BadImage
+from megatron_stgc.data.llava_index import BadSampleCounter, LlavaIndex, ShardedSampler
+from megatron_stgc.model.modality import modality_of
+
+
+@dataclass
+class _Resolved:
+    record: int  # index into LlavaIndex
+    record_id: str
+    tokens: np.ndarray  # int64 [length]
+    loss_mask: np.ndarray  # int64 [length]
+    image_path: Optional[str]
+
+
+@dataclass
+class LlavaSFTDataset:
+    index: LlavaIndex
+    tokenizer: object  # encode / eos_id / pad_id
+    image_loader: object  # ImagePreprocessor: load(paths) -> (tensor, failures)
+    seq_length: int
+    num_image_tokens: int
+    image_token_id: int
+    seed: int
+    image_root: Optional[str] = None
+    bad_samples: BadSampleCounter = field(default_factory=BadSampleCounter)
+    truncated: int = 0
+
+    def __post_init__(self):
+        self._order = ShardedSampler(num_samples=len(self.index), seed=self.seed, dp_rank=0,
+                                     dp_size=1)
+        self._bad_records: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # ------------------------------------------------------------------ records
+
+    def _mark_bad(self, record: int, kind: str, record_id: str) -> None:
+        if record not in self._bad_records:
+            self._bad_records.add(record)
+            self.bad_samples.add(kind, record_id)
+
+    def _tokenize(self, record: int) -> _Resolved:
+        """Raises BadConversation for unusable conversations."""
+        data = self.index.record(record)
+        image = data.get("image")
+        image_path = None if image is None else os.path.join(self.image_root or "", image)
+        tokenized = tokenize_conversation(
+            data["conversations"], self.tokenizer, has_image=image is not None,
+            image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
+            max_length=self.seq_length + 1)
+        self.truncated += int(tokenized.truncated)
+        return _Resolved(record, str(data.get("id", f"#{record}")), tokenized.tokens,
+                         tokenized.loss_mask, image_path)
+
+    def _resolve(self, position: int, skip: int = 0) -> _Resolved:
+        """The first usable record at or after ``position`` (+ ``skip``) in its epoch's order."""
+        epoch, offset = divmod(position, len(self))
+        order = self._order.permutation(epoch)
+        for step in range(skip, skip + len(self)):
+            record = int(order[(offset + step) % len(self)])
+            if record in self._bad_records:
+                continue
+            try:
+                return self._tokenize(record)
+            except BadConversation as error:
+                self._mark_bad(record, error.kind, f"#{record}")
+        raise RuntimeError(f"{self.index.path}: no usable record left\n{self.report()}")
+
+    def _resolve_with_images(self, positions: list[int]) -> tuple[list[_Resolved], torch.Tensor]:
+        """Resolve every position; images of a corrupt file are marked bad and replaced."""
+        resolved = [self._resolve(p) for p in positions]
+        while True:
+            with_image = [i for i, r in enumerate(resolved) if r.image_path is not None]
+            if not with_image:
+                return resolved, None
+            images, failures = self.image_loader.load([resolved[i].image_path for i in with_image])
+            if not failures:
+                return resolved, images
+            for position_in_list, error in failures:
+                row = with_image[position_in_list]
+                self._mark_bad(resolved[row].record, error.kind, resolved[row].record_id)
+                resolved[row] = self._resolve(positions[row], skip=1)
+
+    # ------------------------------------------------------------------ batches
+
+    def batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        """tokens / labels / loss_mask / position_ids / modality [b, s], images [n_img, 3, H, W]."""
+        resolved, images = self._resolve_with_images(positions)
+        width = self.seq_length + 1
+        ids = np.full((len(resolved), width), self.tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros((len(resolved), width), dtype=np.int64)
+        for row, sample in enumerate(resolved):
+            ids[row, :len(sample.tokens)] = sample.tokens
+            mask[row, :len(sample.loss_mask)] = sample.loss_mask
+        tokens = torch.from_numpy(ids)
+        lengths = torch.tensor([min(len(r.tokens), self.seq_length) for r in resolved])
+        inputs = tokens[:, :-1].contiguous()
+        return {
+            "tokens": inputs,
+            "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.from_numpy(mask[:, 1:]).float().contiguous(),
+            "position_ids": torch.arange(self.seq_length).unsqueeze(0).expand(
+                len(resolved), -1).contiguous(),
+            "images": images,
+            "modality": modality_of(inputs, self.image_token_id, lengths),
+        }
+
+    def report(self) -> str:
+        """Bad records found at index build time and in use, and the truncation count."""
+        index_part = self.index.report()
+        runtime = self.bad_samples.report().replace("bad samples:", "bad samples found in use:")
+        return f"{index_part}\n{runtime}\ntruncated to --seq-length: {self.truncated}"
+
+
+def tokenizer_training_texts(index: LlavaIndex, limit: int = 20000) -> list[str]:
+    """Chat-template texts of up to ``limit`` records spread over the file (no <image> tags)."""
+    from megatron_stgc.data.conversation import ASSISTANT_ROLES, IMAGE_TAG
+    from megatron_stgc.data.instruct_text import format_prompt
+
+    step = max(1, len(index) // limit)
+    texts = []
+    for record in range(0, len(index), step):
+        for turn in index.record(record)["conversations"]:
+            value = turn["value"].replace(IMAGE_TAG, "").strip()
+            texts.append(value if turn["from"] in ASSISTANT_ROLES else format_prompt(value))
+    return texts
+
+
+def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: str, seed: int,
+                        seq_length: int, num_image_tokens: int, image_loader,
+                        tokenizer_model: Optional[str] = None,
+                        vocab_size: int = 512) -> tuple[LlavaSFTDataset, object]:
+    """The LLaVA data set and its tokenizer (a SentencePiece model trained on the data and
+    cached on first use, unless --tokenizer-model is given). The image token id is the
+    first id past the tokenizer's vocabulary. Let rank 0 call it first (index build)."""
+    from megatron_stgc.data.tokenizer import Tokenizer, get_or_train_tokenizer
+
+    os.makedirs(cache_dir, exist_ok=True)
+    index = LlavaIndex(data_path, image_root=image_root, cache_dir=cache_dir)
+    if len(index) == 0:
+        raise ValueError(f"--data-path {data_path}: no usable records\n{index.report()}")
+    if tokenizer_model is not None:
+        tokenizer = Tokenizer(tokenizer_model)
+    else:
+        tokenizer = get_or_train_tokenizer(tokenizer_training_texts(index), vocab_size, cache_dir)
+    dataset = LlavaSFTDataset(index, tokenizer, image_loader, seq_length, num_image_tokens,
+                              image_token_id=tokenizer.vocab_size, seed=seed,
+                              image_root=image_root)
+    return dataset, tokenizer

@@ -1,0 +1,130 @@
+"""MoE-LLaVA: vision tower -> 2-layer GELU projector -> MoE GPT, from megatron-core parts.
+
+Same parts and attribute names as megatron-core's ``LLaVAModel``
+(``vision_model`` = CLIPViTModel, ``vision_projection`` = MultimodalProjector,
+``language_model`` = GPTModel with MoE every ``--moe-layer-freq`` layers and
+STGC on its MoE layers when ``--stgc``), composed here instead of using
+``LLaVAModel`` because our data pipeline already expands ``<image>`` into
+``num_image_tokens`` positions: combining is one masked scatter, and the
+modality of every position is known before the language model runs (the MoE
+routers need it for per-modality statistics).
+
+Data flow of ``forward``::
+
+    images [n_img, 3, H, W] --ViT--> [n_img, P(+1), vh] --drop cls--> [n_img, P, vh]
+        --projector--> [n_img, P, h]
+    tokens [b, s] --word embeddings--> [s, b, h]; positions holding image_token_id
+        get the n_img * P image embeddings (row-major over [b, s])
+    --> GPT decoder (MoE layers see the modality mask) --> per-token loss [b, s]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_stgc.config import RunConfig
+from megatron_stgc.model.modality import ModalityContext
+
+
+def projector_submodules(use_te: bool) -> MLPSubmodules:
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
+                                                                 TERowParallelLinear)
+        return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def projector_config(language_config: TransformerConfig) -> TransformerConfig:
+    """LLaVA-1.5's projector: Linear(vh -> h), GELU, Linear(h -> h), with biases, no MoE."""
+    return dataclasses.replace(
+        language_config, ffn_hidden_size=language_config.hidden_size, gated_linear_unit=False,
+        activation_func=F.gelu, add_bias_linear=True, bias_activation_fusion=False,
+        num_moe_experts=None, moe_layer_freq=1, moe_ffn_hidden_size=None,
+        expert_model_parallel_size=1,
+        recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+
+
+class MoELLaVAModel(MegatronModule):
+    """Vision tower + projector + MoE language model (one pipeline stage)."""
+
+    def __init__(self, language_model: GPTModel, vision_model: torch.nn.Module,
+                 vision_projection: MultimodalProjector, image_token_id: int,
+                 drop_class_token: bool, class_token_len: int):
+        super().__init__(config=language_model.config)
+        self.language_model = language_model
+        self.vision_model = vision_model
+        self.vision_projection = vision_projection
+        self.image_token_id = image_token_id
+        self.drop_class_token = drop_class_token
+        self.class_token_len = class_token_len
+        self.modality = ModalityContext()
+        self.model_type = ModelType.encoder_or_decoder  # what megatron-core's schedules look up
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """[n_img, 3, H, W] -> [n_img, P, h] in the language model's hidden size."""
+        features = self.vision_model(images.to(self.vision_model.conv1.weight.dtype))
+        if self.drop_class_token:
+            features = features[:, self.class_token_len:, :]
+        return self.vision_projection(features)
+
+    def combined_embeddings(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                            images: Optional[torch.Tensor]) -> torch.Tensor:
+        """[s, b, h]: word (+position) embeddings with image embeddings at the image tokens."""
+        text = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
+        is_image = tokens == self.image_token_id  # [b, s]
+        n_positions = int(is_image.sum())
+        n_images = 0 if images is None else images.shape[0]
+        if n_images == 0:
+            if n_positions:
+                raise ValueError(f"{n_positions} image-token positions but no images in the batch")
+            return text
+        features = self.image_embeddings(images)  # [n_img, P, h]
+        if n_positions != features.shape[0] * features.shape[1]:
+            raise ValueError(f"{n_positions} image-token positions for {n_images} images of "
+                             f"{features.shape[1]} embeddings each")
+        by_row = text.transpose(0, 1)  # [b, s, h]
+        by_row = by_row.masked_scatter(is_image.unsqueeze(-1), features.to(by_row.dtype))
+        return by_row.transpose(0, 1).contiguous()
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                modality: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token loss [b, s] with ``labels``, else logits [b, s, vocab]."""
+        decoder_input = self.combined_embeddings(tokens, position_ids, images)
+        self.modality.set(modality)
+        try:
+            return self.language_model(tokens, position_ids, attention_mask,
+                                       decoder_input=decoder_input, labels=labels)
+        finally:
+            self.modality.set(None)
+
+
+def build_llava_model(config: RunConfig, language_model: GPTModel,
+                      image_token_id: int) -> MoELLaVAModel:
+    """Wrap an already built MoE GPT with the vision tower and projector of ``config.vision``."""
+    from megatron_stgc.model.gpt import use_transformer_engine
+    from megatron_stgc.model.vision import build_vision_model
+
+    vision_model = build_vision_model(config)
+    projection = MultimodalProjector(
+        projector_config(language_model.config), projector_submodules(use_transformer_engine(config)),
+        projector_type="mlp", input_size=config.vision.vision_hidden_size)
+    return MoELLaVAModel(language_model, vision_model, projection, image_token_id,
+                         drop_class_token=config.vision.disable_vision_class_token,
+                         class_token_len=getattr(vision_model, "class_token_len", 1)
+                         if getattr(vision_model, "add_class_token", False) else 0)

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""The README's main job: a tiny MoE-LLaVA on real digit images, baseline vs STGC.
+
+1. builds the digits instruction mix (megatron_stgc/data/digits.py; reused if present),
+2. trains the model of examples/tiny_llava_digits.yaml twice on 2 processes with
+   expert parallelism (torchrun): baseline (STGC measured but not applied:
+   --stgc --stgc-beta 0, which leaves every gradient as plain MoE's, so conflict
+   fractions are comparable) and STGC (--stgc, beta from the config or --stgc-beta),
+3. runs ``megatron-stgc eval`` on the validation questions for both,
+4. prints a side-by-side table (accuracy per question type, final loss, tokens
+   per expert per modality, conflict fraction, seeds) and writes it to
+   OUTPUT/comparison.txt plus OUTPUT/comparison.json.
+
+    python tools/digits_main_job.py --output runs/digits
+
+Extra arguments after ``--`` go to both training runs (e.g. ``-- --train-iters 50``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from megatron_stgc.data.digits import build_digits_mix  # noqa: E402
+from megatron_stgc.eval.scoring import format_table  # noqa: E402
+
+RUNS = {"baseline": ["--stgc", "--stgc-beta", "0"], "stgc": ["--stgc"]}
+LAST_STEPS = 20  # final loss / conflict fraction / expert loads: mean or sum over these
+
+
+def torchrun(nproc: int, command: list[str], log_path: str) -> float:
+    """Run ``torchrun -m megatron_stgc <command>``; stream to the console and a log; seconds."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(29500 + os.getpid() % 1000), "-m", "megatron_stgc"] + command
+    print("$ " + " ".join(cmd[2:]), flush=True)
+    start = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env=env, cwd=REPO)
+        for line in process.stdout:
+            log.write(line)
+            if not line.startswith(("[W", "W1", "/")) and "warn" not in line.lower():
+                print("  " + line, end="", flush=True)
+        if process.wait() != 0:
+            raise SystemExit(f"failed ({process.returncode}): {' '.join(cmd)}; see {log_path}")
+    return time.perf_counter() - start
+
+
+def read_log(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def modality_shares(records: list[dict]) -> dict[str, str]:
+    """{"layer_N image": "e0 .. e3 shares in %", ...} summed over the last steps."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    for record in records:
+        for layer, by_modality in record.get("tokens_per_expert_by_modality", {}).items():
+            for modality, counts in by_modality.items():
+                row = totals.setdefault((layer, modality), [0] * len(counts))
+                totals[(layer, modality)] = [a + b for a, b in zip(row, counts)]
+    shares = {}
+    for (layer, modality), counts in sorted(totals.items()):
+        total = max(sum(counts), 1)
+        shares[f"{layer} {modality} tokens/expert %"] = " ".join(
+            f"{100 * c / total:.0f}" for c in counts)
+    return shares
+
+
+def summarise(run_dir: str, results: dict, train_seconds: float) -> dict[str, object]:
+    records = read_log(os.path.join(run_dir, "train_log.jsonl"))
+    last = records[-LAST_STEPS:]
+    row: dict[str, object] = {}
+    for category, value in sorted(results["per_category"].items()):
+        row[f"accuracy {category}"] = f"{100 * value['accuracy']:.1f}%"
+    row["accuracy overall"] = f"{100 * results['overall']['accuracy']:.1f}%"
+    row["final loss (mean of last steps)"] = f"{sum(r['loss'] for r in last) / len(last):.4f}"
+    fractions = [r["stgc/conflict_fraction"] for r in last if "stgc/conflict_fraction" in r]
+    if fractions:
+        row["conflict fraction"] = f"{sum(fractions) / len(fractions):.4f}"
+    row.update(modality_shares(last))
+    row["train seconds (2 procs)"] = f"{train_seconds:.0f}"
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="runs/digits")
+    parser.add_argument("--config", default=os.path.join(REPO, "examples", "tiny_llava_digits.yaml"))
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1234, help="training seed (--seed)")
+    parser.add_argument("--data-seed", type=int, default=0, help="digits mix split/shuffle seed")
+    parser.add_argument("--runs", default="baseline,stgc")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    output = os.path.abspath(args.output)
+    data_dir = os.path.join(output, "data")
+
+    start = time.perf_counter()
+    mix = build_digits_mix(data_dir, seed=args.data_seed)
+    print(f"data: {json.dumps(mix, default=str)}", flush=True)
+    common = ["--config", args.config, "--data-path", os.path.join(data_dir, "train.json"),
+              "--image-root", data_dir, "--cache-dir", os.path.join(output, "cache"),
+              "--seed", str(args.seed)]
+    table: dict[str, dict[str, object]] = {}
+    for name in args.runs.split(","):
+        run_dir = os.path.join(output, name)
+        os.makedirs(run_dir, exist_ok=True)
+        run_flags = common + ["--save", run_dir, "--load", run_dir,
+                              "--log-file", os.path.join(run_dir, "train_log.jsonl")] + RUNS[name]
+        seconds = torchrun(args.nproc, ["train"] + run_flags + extra,
+                           os.path.join(run_dir, "train.out"))
+        results_path = os.path.join(run_dir, "results.json")
+        torchrun(args.nproc, ["eval"] + run_flags + extra + [
+            "--question-file", os.path.join(data_dir, "val_questions.jsonl"),
+            "--ground-truth", os.path.join(data_dir, "val_answers.jsonl"),
+            "--answers-file", os.path.join(run_dir, "answers.jsonl"),
+            "--results-file", results_path, "--model-id", name],
+            os.path.join(run_dir, "eval.out"))
+        with open(results_path) as f:
+            table[name] = summarise(run_dir, json.load(f), seconds)
+    labels = list(dict.fromkeys(label for row in table.values() for label in row))
+    rows = [(label, {name: table[name].get(label, "n/a") for name in table}) for label in labels]
+    rows.append(("seeds", {name: f"train {args.seed}, data {args.data_seed}" for name in table}))
+    text = format_table(rows, list(table))
+    text += f"\n(total wall time {time.perf_counter() - start:.0f} s)\n"
+    print("\n" + text, flush=True)
+    with open(os.path.join(output, "comparison.txt"), "w") as f:
+        f.write(text)
+    with open(os.path.join(output, "comparison.json"), "w") as f:
+        json.dump({"runs": table, "seed": args.seed, "data_seed": args.data_seed}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
