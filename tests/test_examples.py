@@ -91,3 +91,34 @@ def test_script_launches_the_tiny_job_on_cpu(tmp_path):
     records = read_jsonl(f"{out}/log.jsonl")
     assert [r["iteration"] for r in records] == [1, 2]
     assert "world 2 (TP 1, EP 2, DP 2)" in output
+
+
+@pytest.mark.parametrize("name,vision,image_tokens,layers", [
+    ("llava_stablelm_1.6b_clip336.yaml", "clip", 576, 24),
+    ("llava_phi2_2.7b_siglip.yaml", "siglip", 729, 32)])
+def test_llava_paper_settings_are_valid_for_two_nodes(tmp_path, name, vision, image_tokens,
+                                                      layers):
+    from megatron_stgc.model.vision import num_image_tokens, vision_transformer_config
+
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "model.pt").write_bytes(b"")
+    (tmp_path / "mix.json").write_text("[]")
+    (tmp_path / "spm.model").write_bytes(b"")
+    config = parse_run_config([
+        "--config", os.path.join(REPO, "examples", name), "--data-path", str(tmp_path / "mix.json"),
+        "--image-root", str(tmp_path), "--pretrained-checkpoint", str(tmp_path / "dense"),
+        "--tokenizer-model", str(tmp_path / "spm.model")])
+    validate_run_config(config, world_size=16)
+    assert config.vision.vision_model_type == vision
+    assert num_image_tokens(config) == image_tokens
+    assert image_tokens < config.model.seq_length
+    assert config.model.num_layers == layers
+    assert (config.model.num_experts, config.model.moe_router_topk) == (4, 2)
+    assert config.vision.moe_use_upcycling and config.vision.freeze_lm
+    assert vision_transformer_config(config).num_layers == config.vision.vision_num_layers
+    top1 = parse_run_config(["--config", os.path.join(REPO, "examples", name),
+                             "--moe-router-topk", "1", "--data-path", str(tmp_path / "mix.json"),
+                             "--pretrained-checkpoint", str(tmp_path / "dense"),
+                             "--tokenizer-model", str(tmp_path / "spm.model"),
+                             "--image-root", str(tmp_path)])
+    validate_run_config(top1, world_size=16)  # MoE-LLaVA's 4-Top-1

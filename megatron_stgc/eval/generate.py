@@ -162,8 +162,9 @@ def answer_questions(decoder: GreedyDecoder, questions: list[dict], batch_size: 
         chunk = mine[number * batch_size:(number + 1) * batch_size]
         for index, answer in zip(chunk, decoder.decode([questions[i] for i in chunk])):
             local[index] = answer
-        if dist.get_rank() == 0 and progress is not None:
-            progress(f"eval: batch {number + 1}/{int(rounds)}")
+        last = number + 1 == int(rounds)
+        if dist.get_rank() == 0 and progress is not None and (number % 10 == 9 or last):
+            progress(f"eval: batch {number + 1}/{int(rounds)} on each rank")
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     if dist.get_rank() != 0:
