@@ -19,11 +19,16 @@ setup(
         "pyyaml",
         "numpy",
         "psutil",  # megatron-core's dist_checkpointing save path needs it
+        "pillow",  # image decoding when DALI is not installed
+        "scikit-learn",  # the real-image default: its bundled handwritten digits
     ],
     extras_require={
         # GPU extras; apex comes from the NGC PyTorch container.
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
-        "test": ["pytest"],
+        # DALI's pip wheel also runs its CPU pipeline without a GPU
+        "dali": ["nvidia-dali-cuda120"],
+        "convert": ["transformers"],  # tools/convert_hf_to_megatron.py
+        "test": ["pytest", "nvidia-dali-cuda120", "transformers"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # tools/scaling_study.py's PNG
     },

@@ -17,6 +17,7 @@ USAGE = """usage: megatron-stgc <command> [flags]
 commands:
   train         train a GPT MoE or MoE-LLaVA model (run under torchrun for >1 process)
   eval          greedy answers for a LLaVA question file from a checkpoint, scored
+  export        a checkpoint -> a --pretrained-checkpoint directory (one process)
   print-config  print the resolved configuration as YAML and exit
 
 run `megatron-stgc train --help` for the flags."""
@@ -42,6 +43,18 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    import argparse
+
+    from megatron_stgc.training.export import run_export
+
+    parser = argparse.ArgumentParser(prog="megatron-stgc export", add_help=False)
+    parser.add_argument("--output", required=True, help="directory for model.pt")
+    export_args, rest = parser.parse_known_args(argv)
+    run_export(parse_run_config(rest), export_args.output)
+    return 0
+
+
 def _print_config(argv: list[str]) -> int:
     import yaml
 
@@ -52,7 +65,7 @@ def _print_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "print-config": _print_config}
+COMMANDS = {"train": _train, "eval": _eval, "export": _export, "print-config": _print_config}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -423,8 +423,10 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
              f"--vocab-size must be >= 64, got {config.data.vocab_size}")
     if config.data.data_path is not None:
+        hint = ("; tools/make_digits_mix.py --output DIR writes the embedded real-image mix"
+                if config.vision.vision_model_type else "")
         _require(os.path.exists(config.data.data_path),
-                 f"--data-path: {config.data.data_path} does not exist")
+                 f"--data-path: {config.data.data_path} does not exist{hint}")
     if config.data.tokenizer_model is not None:
         _require(os.path.isfile(config.data.tokenizer_model),
                  f"--tokenizer-model: {config.data.tokenizer_model} does not exist")

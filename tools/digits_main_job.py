@@ -1,19 +1,25 @@
 #!/usr/bin/env python
 """The README's main job: a tiny MoE-LLaVA on real digit images, baseline vs STGC.
 
-1. builds the digits instruction mix (megatron_stgc/data/digits.py; reused if present),
-2. trains the model of examples/tiny_llava_digits.yaml twice on 2 processes with
-   expert parallelism (torchrun): baseline (STGC measured but not applied:
-   --stgc --stgc-beta 0, which leaves every gradient as plain MoE's, so conflict
-   fractions are comparable) and STGC (--stgc, beta from the config or --stgc-beta),
-3. runs ``megatron-stgc eval`` on the validation questions for both,
-4. prints a side-by-side table (accuracy per question type, final loss, tokens
-   per expert per modality, conflict fraction, seeds) and writes it to
-   OUTPUT/comparison.txt plus OUTPUT/comparison.json.
+The MoE-LLaVA recipe at toy scale, on the model of examples/tiny_llava_digits.yaml:
+
+1. builds the digits instruction mix (megatron_stgc/data/digits.py; reused if present);
+2. stage II, **dense**: the same model without experts (``--num-experts none``), every part
+   trainable, ``--dense-iters`` steps on 2 processes (torchrun);
+3. ``megatron-stgc export`` turns its checkpoint into a --pretrained-checkpoint directory;
+4. stage III, twice from that same start, on 2 processes with expert parallelism (EP=2):
+   every FFN of the MoE layers upcycled into 4 experts (``--moe-use-upcycling``), only the
+   MoE layers train (``--freeze-vit --freeze-projection --freeze-lm``), ``--stage3-iters``
+   steps: **baseline** (``--stgc --stgc-beta 0``: conflicts measured, gradients exactly plain
+   MoE's, so conflict fractions compare) and **STGC** (``--stgc``, beta 1);
+5. ``megatron-stgc eval`` on the validation questions for the three models;
+6. prints a side-by-side table (accuracy per question type, final loss, conflict fraction,
+   tokens per expert per modality, seeds) and writes OUTPUT/comparison.txt and .json.
 
     python tools/digits_main_job.py --output runs/digits
 
-Extra arguments after ``--`` go to both training runs (e.g. ``-- --train-iters 50``).
+Arguments after ``--`` go to every training run (e.g. ``-- --lr 1e-3``). Finished runs are
+not retrained (each resumes from its own checkpoint), so a second call only re-evaluates.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ sys.path.insert(0, REPO)
 from megatron_stgc.data.digits import build_digits_mix  # noqa: E402
 from megatron_stgc.eval.scoring import format_table  # noqa: E402
 
+DENSE = ["--num-experts", "none", "--expert-model-parallel-size", "1"]
+STAGE3 = ["--moe-use-upcycling", "--freeze-vit", "--freeze-projection", "--freeze-lm"]
 RUNS = {"baseline": ["--stgc", "--stgc-beta", "0"], "stgc": ["--stgc"]}
 LAST_STEPS = 20  # final loss / conflict fraction / expert loads: mean or sum over these
 
@@ -92,6 +100,24 @@ def summarise(run_dir: str, results: dict, train_seconds: float) -> dict[str, ob
     return row
 
 
+def evaluate(nproc: int, name: str, run_dir: str, run_flags: list[str], data_dir: str) -> dict:
+    results_path = os.path.join(run_dir, "results.json")
+    torchrun(nproc, ["eval"] + run_flags + [
+        "--question-file", os.path.join(data_dir, "val_questions.jsonl"),
+        "--ground-truth", os.path.join(data_dir, "val_answers.jsonl"),
+        "--answers-file", os.path.join(run_dir, "answers.jsonl"),
+        "--results-file", results_path, "--model-id", name, "--max-new-tokens", "12"],
+        os.path.join(run_dir, "eval.out"))
+    with open(results_path) as f:
+        return json.load(f)
+
+
+def run_flags_for(common: list[str], run_dir: str, extra: list[str]) -> list[str]:
+    os.makedirs(run_dir, exist_ok=True)
+    return common + ["--save", run_dir, "--load", run_dir,
+                     "--log-file", os.path.join(run_dir, "train_log.jsonl")] + extra
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234, help="training seed (--seed)")
     parser.add_argument("--data-seed", type=int, default=0, help="digits mix split/shuffle seed")
+    parser.add_argument("--dense-iters", type=int, default=400, help="stage II steps")
+    parser.add_argument("--stage3-iters", type=int, default=300, help="stage III steps")
     parser.add_argument("--runs", default="baseline,stgc")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -108,37 +136,44 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     mix = build_digits_mix(data_dir, seed=args.data_seed)
-    print(f"data: {json.dumps(mix, default=str)}", flush=True)
+    print(f"data: {mix['counts']} ({'reused' if mix['reused'] else 'built'})", flush=True)
     common = ["--config", args.config, "--data-path", os.path.join(data_dir, "train.json"),
               "--image-root", data_dir, "--cache-dir", os.path.join(output, "cache"),
               "--seed", str(args.seed)]
     table: dict[str, dict[str, object]] = {}
+
+    dense_dir = os.path.join(output, "dense")
+    dense_flags = run_flags_for(common, dense_dir, DENSE + [
+        "--train-iters", str(args.dense_iters)] + extra)
+    seconds = torchrun(args.nproc, ["train"] + dense_flags, os.path.join(dense_dir, "train.out"))
+    pretrained = os.path.join(dense_dir, "pretrained")
+    torchrun(1, ["export", "--output", pretrained] + dense_flags,
+             os.path.join(dense_dir, "export.out"))
+    results = evaluate(args.nproc, "dense", dense_dir, dense_flags, data_dir)
+    table["dense (stage II)"] = summarise(dense_dir, results, seconds)
+
     for name in args.runs.split(","):
         run_dir = os.path.join(output, name)
-        os.makedirs(run_dir, exist_ok=True)
-        run_flags = common + ["--save", run_dir, "--load", run_dir,
-                              "--log-file", os.path.join(run_dir, "train_log.jsonl")] + RUNS[name]
-        seconds = torchrun(args.nproc, ["train"] + run_flags + extra,
-                           os.path.join(run_dir, "train.out"))
-        results_path = os.path.join(run_dir, "results.json")
-        torchrun(args.nproc, ["eval"] + run_flags + extra + [
-            "--question-file", os.path.join(data_dir, "val_questions.jsonl"),
-            "--ground-truth", os.path.join(data_dir, "val_answers.jsonl"),
-            "--answers-file", os.path.join(run_dir, "answers.jsonl"),
-            "--results-file", results_path, "--model-id", name],
-            os.path.join(run_dir, "eval.out"))
-        with open(results_path) as f:
-            table[name] = summarise(run_dir, json.load(f), seconds)
+        run_flags = run_flags_for(common, run_dir, STAGE3 + [
+            "--pretrained-checkpoint", pretrained, "--train-iters", str(args.stage3_iters)]
+            + RUNS[name] + extra)
+        seconds = torchrun(args.nproc, ["train"] + run_flags, os.path.join(run_dir, "train.out"))
+        results = evaluate(args.nproc, name, run_dir, run_flags, data_dir)
+        table[f"{name} (stage III)"] = summarise(run_dir, results, seconds)
+
     labels = list(dict.fromkeys(label for row in table.values() for label in row))
     rows = [(label, {name: table[name].get(label, "n/a") for name in table}) for label in labels]
     rows.append(("seeds", {name: f"train {args.seed}, data {args.data_seed}" for name in table}))
     text = format_table(rows, list(table))
-    text += f"\n(total wall time {time.perf_counter() - start:.0f} s)\n"
+    text += (f"\n(stage II {args.dense_iters} steps dense; stage III {args.stage3_iters} steps from "
+             f"it, upcycled, MoE layers only; total wall time {time.perf_counter() - start:.0f} s)\n")
     print("\n" + text, flush=True)
     with open(os.path.join(output, "comparison.txt"), "w") as f:
         f.write(text)
     with open(os.path.join(output, "comparison.json"), "w") as f:
-        json.dump({"runs": table, "seed": args.seed, "data_seed": args.data_seed}, f, indent=2)
+        json.dump({"runs": table, "seed": args.seed, "data_seed": args.data_seed,
+                   "dense_iters": args.dense_iters, "stage3_iters": args.stage3_iters}, f,
+                  indent=2)
     return 0
 
 

@@ -1,0 +1,66 @@
+"""``megatron-stgc export``: a training checkpoint -> a --pretrained-checkpoint directory.
+
+Loads ``--load`` (any parallel layout: dist_checkpointing reshards it) into the
+model of the given flags built in ONE process, so every tensor is whole, and
+writes ``OUTPUT/model.pt`` = ``{"model": state dict}`` in the layout
+``model/pretrained.py`` reads (the converter's layout). Typical use: the dense
+stage-II model of the MoE-LLaVA recipe, exported and then upcycled into the
+stage-III MoE model with ``--pretrained-checkpoint OUTPUT --moe-use-upcycling``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_stgc.config import ConfigError, RunConfig
+
+
+def model_state_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full tensors of every parameter and buffer (megatron's ``_extra_state`` left out)."""
+    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()
+            if not key.endswith("_extra_state") and isinstance(value, torch.Tensor)}
+
+
+def run_export(config: RunConfig, output: str) -> str:
+    """Load --load into a one-process model and write ``output``/model.pt; returns its path."""
+    from megatron_stgc import parallel
+    from megatron_stgc.config import validate_run_config
+    from megatron_stgc.training.checkpoint import load_checkpoint
+    from megatron_stgc.training.setup import build_model_and_optimizer
+    from megatron_stgc.training.train import (image_token_id_of, model_vocab_size, prepare_data,
+                                              seed_everything)
+
+    if config.checkpoint.load is None:
+        raise ConfigError("export needs --load (the checkpoint to export)")
+    world = parallel.world_size_from_env()
+    if world != 1:
+        raise ConfigError(f"export runs in one process (got world size {world}); the "
+                          "checkpoint is resharded to it")
+    config.parallel.expert_model_parallel_size = 1
+    config.vision.pretrained_checkpoint = None  # the checkpoint replaces it anyway
+    config.vision.moe_use_upcycling = False
+    validate_run_config(config, 1)
+    parallel.initialize_distributed()
+    try:
+        parallel.initialize_model_parallel(1, 1, config.training.seed)
+        seed_everything(config.training.seed)
+        dataset, tokenizer = prepare_data(config)
+        objects = build_model_and_optimizer(config, model_vocab_size(config, tokenizer, dataset),
+                                            image_token_id_of(dataset))
+        progress = load_checkpoint(config.checkpoint.load, objects.model, objects.optimizer,
+                                   objects.scheduler)
+        os.makedirs(output, exist_ok=True)
+        path = os.path.join(output, "model.pt")
+        tmp = path + ".tmp"
+        torch.save({"model": model_state_for_export(objects.unwrapped_model),
+                    "iteration": progress.iteration}, tmp)
+        os.replace(tmp, path)
+        print(f"export: {config.checkpoint.load} iteration {progress.iteration} -> {path}",
+              flush=True)
+        dist.barrier()
+        return path
+    finally:
+        parallel.destroy()
