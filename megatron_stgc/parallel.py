@@ -58,6 +58,13 @@ def initialize_model_parallel(tensor_parallel_size: int, expert_parallel_size: i
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def collective_device() -> torch.device:
+    """Where tensors for this process group's collectives live: the GPU under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy() -> None:
     """Tear down megatron-core parallel state and the default process group."""
     parallel_state.destroy_model_parallel()

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from megatron_stgc.data.conversation import (IMAGE_TAG_WITHOUT_IMAGE, IMAGE_TRUNCATED,
-                                             NO_ANSWER_AFTER_TRUNCATION, TOO_MANY_IMAGE_TAGS,
-                                             UNKNOWN_ROLE, BadConversation, prompt_tokens,
+from megatron_stgc.data.conversation import (IMAGE_TAG_IN_ANSWER, IMAGE_TAG_WITHOUT_IMAGE,
+                                             IMAGE_TRUNCATED, NO_ANSWER_AFTER_TRUNCATION,
+                                             NO_USER_TURN, TOO_MANY_IMAGE_TAGS, UNKNOWN_ROLE,
+                                             BadConversation, prompt_tokens,
                                              tokenize_conversation)
 from megatron_stgc.data.instruct_text import ASSISTANT_TAG, USER_TAG
 from megatron_stgc.data.tokenizer import Tokenizer, train_tokenizer
@@ -100,9 +101,24 @@ def test_truncation_keeps_beginning(tokenizer):
     (turns(("<image>\nWhich digit?", "7")), True, 3, IMAGE_TRUNCATED),
     (turns(("A long question about digits and what is shown?", "7")), False, 6,
      NO_ANSWER_AFTER_TRUNCATION),
+    ([{"from": "gpt", "value": "7"}], True, 200, NO_USER_TURN),
+    (turns(("Which digit?", "<image> 7")), True, 200, IMAGE_TAG_IN_ANSWER),
 ])
 def test_unusable_conversations_name_their_kind(tokenizer, conversation, has_image, max_length,
                                                 kind):
     with pytest.raises(BadConversation) as error:
         tokenize(tokenizer, conversation, has_image=has_image, max_length=max_length)
     assert error.value.kind == kind
+
+
+def test_image_must_lie_inside_the_model_input(tokenizer):
+    """The model sees ids[:max_length - 1]; an image whose last id is ids[max_length - 1]
+    would reach the model one embedding short, so it counts as truncated."""
+    conversation = turns(("What is 3 plus 4?", "seven"), ("<image>", "7"))
+    full = tokenize(tokenizer, conversation).tokens.tolist()
+    last_image = len(full) - 1 - full[::-1].index(IMAGE_ID)
+    fits = tokenize(tokenizer, conversation, max_length=last_image + 2)
+    assert fits.truncated and fits.tokens.tolist()[:last_image + 1].count(IMAGE_ID) == P
+    with pytest.raises(BadConversation) as error:
+        tokenize(tokenizer, conversation, max_length=last_image + 1)
+    assert error.value.kind == IMAGE_TRUNCATED

@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from megatron_stgc.data.llava_index import (BAD_TURN, EMPTY_CONVERSATIONS, MALFORMED_JSON,
-                                            MISSING_IMAGE, NO_ASSISTANT_TURN, NON_UTF8,
-                                            LlavaIndex, ShardedSampler, json_list_spans)
+from megatron_stgc.data.llava_index import (BAD_IMAGE_FIELD, BAD_TURN, EMPTY_CONVERSATIONS,
+                                            MALFORMED_JSON, MISSING_IMAGE, NO_ASSISTANT_TURN,
+                                            NON_UTF8, LlavaIndex, ShardedSampler,
+                                            json_list_spans)
 
 TRICKY_VALUES = ['say "hi" \\ then {leave}', "braces } { ] [ inside",
                  "unicode: caf\u00e9 \u2615 \U0001F600",
@@ -100,6 +101,8 @@ BAD_RECORDS = {
     BAD_TURN: b'{"id": "t1", "conversations": [{"from": "gpt"}]}',
     MISSING_IMAGE: b'{"id": "i1", "image": "img/missing.jpg", '
                    b'"conversations": [{"from": "gpt", "value": "a"}]}',
+    BAD_IMAGE_FIELD: b'{"id": "f1", "image": ["a.jpg", "b.jpg"], '
+                     b'"conversations": [{"from": "gpt", "value": "a"}]}',
 }
 
 
@@ -109,7 +112,7 @@ def test_bad_samples_counted_by_kind(tmp_path, fmt):
     (tmp_path / "img" / "ok.jpg").write_bytes(b"")
     good = [b'{"id": "g0", "image": "img/ok.jpg", "conversations": '
             b'[{"from": "human", "value": "<image>\\nq"}, {"from": "gpt", "value": "a"}]}',
-            b'{"id": "g1", "conversations": [{"from": "gpt", "value": "a"}]}']
+            b'{"id": "g1", "conversations": [{"from": "assistant", "value": "a"}]}']
     raw = [good[0]] + list(BAD_RECORDS.values()) + [BAD_RECORDS[NO_ASSISTANT_TURN], good[1]]
     if fmt == "jsonl":
         raw.insert(3, b"{not json at all")
@@ -133,6 +136,7 @@ def test_bad_samples_counted_by_kind(tmp_path, fmt):
     # without an image root, image existence is not checked
     with LlavaIndex(path) as index:
         assert MISSING_IMAGE not in index.bad_samples.counts and index.rebuilt
+        assert index.bad_samples.counts[BAD_IMAGE_FIELD] == 1  # checked with or without root
 
 
 def run_positions(num_samples, seed, dp_size, gbs, consumed, count):

@@ -18,8 +18,9 @@ The MoE-LLaVA recipe at toy scale, on the model of examples/tiny_llava_digits.ya
 
     python tools/digits_main_job.py --output runs/digits
 
-Arguments after ``--`` go to every training run (e.g. ``-- --lr 1e-3``). Finished runs are
-not retrained (each resumes from its own checkpoint), so a second call only re-evaluates.
+Arguments after ``--`` go to every training run (e.g. ``-- --lr 1e-3``; stage II stays dense).
+Finished runs are not retrained (each resumes from its own checkpoint), so a second call
+only re-exports stage II and re-evaluates.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def main(argv=None) -> int:
     table: dict[str, dict[str, object]] = {}
 
     dense_dir = os.path.join(output, "dense")
-    dense_flags = run_flags_for(common, dense_dir, DENSE + [
-        "--train-iters", str(args.dense_iters)] + extra)
+    dense_flags = run_flags_for(common, dense_dir, extra + DENSE + [
+        "--train-iters", str(args.dense_iters)])
     seconds = torchrun(args.nproc, ["train"] + dense_flags, os.path.join(dense_dir, "train.out"))
     pretrained = os.path.join(dense_dir, "pretrained")
     torchrun(1, ["export", "--output", pretrained] + dense_flags,

@@ -27,12 +27,14 @@ from megatron_stgc.data.instruct_text import format_prompt
 
 IMAGE_TAG = "<image>"
 USER_ROLES = ("human", "user")
-ASSISTANT_ROLES = ("gpt", "assistant")
+ASSISTANT_ROLES = ("gpt", "assistant")  # the same roles llava_index accepts
 
 # Kinds of samples found unusable while tokenizing (BadSampleCounter keys).
 IMAGE_TAG_WITHOUT_IMAGE = "image_tag_without_image"
 TOO_MANY_IMAGE_TAGS = "too_many_image_tags"  # more than one <image> (one image per sample)
 UNKNOWN_ROLE = "unknown_role"
+NO_USER_TURN = "no_user_turn"  # an image but no human turn to put it in
+IMAGE_TAG_IN_ANSWER = "image_tag_in_answer"  # <image> inside an assistant turn
 IMAGE_TRUNCATED = "image_truncated"  # the image tokens would not fit in --seq-length
 NO_ANSWER_AFTER_TRUNCATION = "no_answer_after_truncation"
 
@@ -64,13 +66,17 @@ def _encode_user_turn(text: str, tokenizer, image_token_id: int,
 
 def _turns_with_image_tag(turns: list[dict], has_image: bool) -> list[dict]:
     """Check the <image> tags against the sample's image; add the tag LLaVA-style if absent."""
+    if any(IMAGE_TAG in t["value"] for t in turns if t["from"] in ASSISTANT_ROLES):
+        raise BadConversation(IMAGE_TAG_IN_ANSWER, f"{IMAGE_TAG} inside an assistant turn")
     tags = sum(turn["value"].count(IMAGE_TAG) for turn in turns)
     if tags > 1:
         raise BadConversation(TOO_MANY_IMAGE_TAGS, f"{tags} {IMAGE_TAG} tags; one image per sample")
     if tags == 1 and not has_image:
         raise BadConversation(IMAGE_TAG_WITHOUT_IMAGE, f"{IMAGE_TAG} tag but no image")
     if tags == 0 and has_image:
-        first_user = next(i for i, t in enumerate(turns) if t["from"] in USER_ROLES)
+        first_user = next((i for i, t in enumerate(turns) if t["from"] in USER_ROLES), None)
+        if first_user is None:
+            raise BadConversation(NO_USER_TURN, "an image but no human turn")
         turns = list(turns)
         turns[first_user] = {**turns[first_user],
                              "value": f"{IMAGE_TAG}\n" + turns[first_user]["value"]}
@@ -83,8 +89,9 @@ def tokenize_conversation(turns: list[dict], tokenizer, *, has_image: bool, imag
 
     turns: LLaVA ``conversations`` list ({"from": human|gpt, "value": str}).
     Truncation keeps the beginning; it may not cut into the image tokens
-    (IMAGE_TRUNCATED) and must leave at least one assistant token
-    (NO_ANSWER_AFTER_TRUNCATION).
+    (IMAGE_TRUNCATED: every image token must lie in the first ``max_length - 1``
+    ids, the model's input; the last id is only a label) and must leave at
+    least one assistant token (NO_ANSWER_AFTER_TRUNCATION).
     """
     ids: list[int] = []
     mask: list[int] = []
@@ -102,7 +109,7 @@ def tokenize_conversation(turns: list[dict], tokenizer, *, has_image: bool, imag
             raise BadConversation(UNKNOWN_ROLE, f"turn from {role!r}; expected human or gpt")
     truncated = len(ids) > max_length
     if truncated:
-        if image_token_id in ids[max_length:]:
+        if image_token_id in ids[max_length - 1:]:
             raise BadConversation(IMAGE_TRUNCATED, f"{len(ids)} tokens; the image tokens do not "
                                   f"fit in {max_length} (raise --seq-length)")
         ids, mask = ids[:max_length], mask[:max_length]

@@ -74,12 +74,17 @@ class LlavaSFTDataset:
         data = self.index.record(record)
         image = data.get("image")
         image_path = None if image is None else os.path.join(self.image_root or "", image)
-        tokenized = tokenize_conversation(
-            data["conversations"], self.tokenizer, has_image=image is not None,
-            image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
-            max_length=self.seq_length + 1)
+        record_id = str(data.get("id", f"#{record}"))
+        try:
+            tokenized = tokenize_conversation(
+                data["conversations"], self.tokenizer, has_image=image is not None,
+                image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
+                max_length=self.seq_length + 1)
+        except BadConversation as error:
+            error.record_id = record_id
+            raise
         self.truncated += int(tokenized.truncated)
-        return _Resolved(record, str(data.get("id", f"#{record}")), tokenized.tokens,
+        return _Resolved(record, record_id, tokenized.tokens,
                          tokenized.loss_mask, image_path)
 
     def _resolve(self, position: int, skip: int = 0) -> _Resolved:
@@ -93,7 +98,7 @@ class LlavaSFTDataset:
             try:
                 return self._tokenize(record)
             except BadConversation as error:
-                self._mark_bad(record, error.kind, f"#{record}")
+                self._mark_bad(record, error.kind, getattr(error, "record_id", f"#{record}"))
         raise RuntimeError(f"{self.index.path}: no usable record left\n{self.report()}")
 
     def _resolve_with_images(self, positions: list[int]) -> tuple[list[_Resolved], torch.Tensor]:

@@ -40,17 +40,19 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-INDEX_FORMAT_VERSION = 1  # bump when the index layout or validation rules change
+INDEX_FORMAT_VERSION = 2  # bump when the index layout or validation rules change
 
 # Kinds of bad records (BadSampleCounter keys).
 MALFORMED_JSON = "malformed_json"  # not parseable, or not a JSON object
 NON_UTF8 = "non_utf8"  # bytes that are not valid UTF-8
 EMPTY_CONVERSATIONS = "empty_conversations"  # conversations missing or []
 BAD_TURN = "bad_turn"  # a turn that is not {"from": str, "value": str}
-NO_ASSISTANT_TURN = "no_assistant_turn"  # no turn from "gpt"
+NO_ASSISTANT_TURN = "no_assistant_turn"  # no turn from "gpt" (or "assistant")
 MISSING_IMAGE = "missing_image"  # image given but not a file under the image root
+BAD_IMAGE_FIELD = "bad_image_field"  # "image" present but not a string path
 BAD_KINDS = (MALFORMED_JSON, NON_UTF8, EMPTY_CONVERSATIONS, BAD_TURN, NO_ASSISTANT_TURN,
-             MISSING_IMAGE)
+             MISSING_IMAGE, BAD_IMAGE_FIELD)
+ASSISTANT_ROLES = ("gpt", "assistant")
 
 # One JSON string literal (escapes included), or one bracket. Matching a whole string
 # at once lets the JSON-list scan skip braces/quotes inside strings.
@@ -211,9 +213,11 @@ def classify_record(raw: bytes, number: int,
         return EMPTY_CONVERSATIONS, label
     if not isinstance(turns, list) or not all(is_turn(t) for t in turns):
         return BAD_TURN, label
-    if not any(t["from"] == "gpt" for t in turns):
+    if not any(t["from"] in ASSISTANT_ROLES for t in turns):
         return NO_ASSISTANT_TURN, label
     image = record.get("image")
+    if image is not None and not isinstance(image, str):
+        return BAD_IMAGE_FIELD, label
     if image is not None and image_root is not None and not (
             isinstance(image, str) and os.path.isfile(os.path.join(image_root, image))):
         return MISSING_IMAGE, label

@@ -69,7 +69,8 @@ class GreedyDecoder:
     """Batched greedy decoding with a MoELLaVAModel/GPTModel on every EP rank."""
 
     def __init__(self, model, tokenizer, image_loader, image_root: Optional[str],
-                 image_token_id: Optional[int], num_image_tokens: int, max_new_tokens: int):
+                 image_token_id: Optional[int], num_image_tokens: int, max_new_tokens: int,
+                 max_length: int):
         self.model = model
         self.tokenizer = tokenizer
         self.image_loader = image_loader
@@ -77,6 +78,7 @@ class GreedyDecoder:
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.max_new_tokens = max_new_tokens
+        self.max_length = max_length  # --seq-length: prompt + answer never exceed it
 
     def prompt(self, question: dict) -> list[int]:
         from megatron_stgc.data.conversation import prompt_tokens
@@ -86,14 +88,31 @@ class GreedyDecoder:
                              image_token_id=self.image_token_id if self.image_token_id is not None
                              else -1, num_image_tokens=self.num_image_tokens)
 
-    def images(self, questions: list[dict]) -> tuple[Optional[torch.Tensor], dict[int, str]]:
-        """[n_img, 3, H, W] for the questions with an image; {row: error} for unreadable ones."""
-        rows = [i for i, q in enumerate(questions) if q.get("image") is not None]
+    def images(self, questions: list[dict],
+               skip: dict[int, str]) -> tuple[Optional[torch.Tensor], dict[int, str]]:
+        """[n_img, 3, H, W] for the questions with an image (rows in ``skip`` left out);
+        {row: error} for unreadable ones. The tensor holds the good images in row order."""
+        rows = [i for i, q in enumerate(questions) if q.get("image") is not None and i not in skip]
         if not rows or self.image_loader is None:
             return None, {}
         paths = [os.path.join(self.image_root or "", questions[i]["image"]) for i in rows]
         images, failures = self.image_loader.load(paths)
         return images, {rows[i]: f"{error.kind}: {paths[i]}" for i, error in failures}
+
+    def _unusable_prompts(self, questions: list[dict]) -> dict[int, str]:
+        """{row: error} for questions whose prompt cannot be built or does not fit."""
+        from megatron_stgc.data.conversation import BadConversation
+
+        errors = {}
+        for row, question in enumerate(questions):
+            try:
+                length = len(self.prompt(question))
+            except BadConversation as error:
+                errors[row] = f"{error.kind}: {error}"
+                continue
+            if length >= self.max_length:
+                errors[row] = f"prompt of {length} tokens does not fit --seq-length {self.max_length}"
+        return errors
 
     def _step_logits(self, sequences: list[list[int]], images) -> torch.Tensor:
         """Logits at every row's last position: [b, vocab]."""
@@ -102,17 +121,20 @@ class GreedyDecoder:
         for row, sequence in enumerate(sequences):
             tokens[row, :len(sequence)] = torch.tensor(sequence)
         positions = torch.arange(width).unsqueeze(0).expand(len(sequences), -1)
-        extras = {} if self.image_token_id is None else {"images": images}
-        logits = self.model(tokens, positions, None, **extras)  # [b, s, V]
+        device = next(self.model.parameters()).device
+        extras = {} if self.image_token_id is None else {
+            "images": None if images is None else images.to(device)}
+        logits = self.model(tokens.to(device), positions.to(device), None, **extras)  # [b, s, V]
         last = torch.tensor([len(s) - 1 for s in sequences])
         return logits[torch.arange(len(sequences)), last, :self.tokenizer.vocab_size]
 
     @torch.no_grad()
     def decode(self, questions: list[dict]) -> list[dict]:
         """Answers for ``questions`` (may be empty: one padding row keeps the collectives)."""
-        images, failed = self.images(questions)
-        # rows whose image failed get an error instead of an answer (the loader's tensor
-        # holds the good images only, in row order)
+        # rows whose prompt or image is unusable get an error instead of an answer
+        failed = self._unusable_prompts(questions)
+        images, unreadable = self.images(questions, skip=failed)
+        failed.update(unreadable)
         keep = [i for i in range(len(questions)) if i not in failed]
         sequences = [self.prompt(questions[i]) for i in keep]
         if not sequences:
@@ -126,7 +148,8 @@ class GreedyDecoder:
             for row, token in enumerate(next_tokens):
                 if not done[row]:
                     sequences[row].append(token)
-                    done[row] = token == self.tokenizer.eos_id
+                    done[row] = (token == self.tokenizer.eos_id
+                                 or len(sequences[row]) >= self.max_length)
             if _all_ranks_done(all(done)):
                 break
         answers = {}
@@ -139,7 +162,9 @@ class GreedyDecoder:
 
 
 def _all_ranks_done(local_done: bool) -> bool:
-    flag = torch.tensor([0 if local_done else 1], dtype=torch.long)
+    from megatron_stgc.parallel import collective_device
+
+    flag = torch.tensor([0 if local_done else 1], dtype=torch.long, device=collective_device())
     dist.all_reduce(flag)
     return int(flag) == 0
 
@@ -155,7 +180,10 @@ def answer_questions(decoder: GreedyDecoder, questions: list[dict], batch_size: 
                      progress=print) -> list[dict]:
     """Every question's answer, on rank 0 (others get [])."""
     mine = rank_share(questions)
-    rounds = torch.tensor([math.ceil(len(mine) / batch_size)], dtype=torch.long)
+    from megatron_stgc.parallel import collective_device
+
+    rounds = torch.tensor([math.ceil(len(mine) / batch_size)], dtype=torch.long,
+                          device=collective_device())
     dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
     local: dict[int, dict] = {}
     for number in range(int(rounds)):
@@ -202,6 +230,11 @@ def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
 
     if config.checkpoint.load is None:
         raise ConfigError("eval needs --load (the trained checkpoint)")
+    if config.model.num_experts is not None and config.parallel.expert_model_parallel_size > 1 \
+            and config.model.moe_token_dispatcher_type != "alltoall":
+        raise ConfigError("eval needs --moe-token-dispatcher-type alltoall when "
+                          "--expert-model-parallel-size > 1 (ranks decode batches of different "
+                          "shapes; the dispatcher does not change the weights)")
     if not os.path.isfile(options.question_file):
         raise ConfigError(f"--question-file: {options.question_file} does not exist")
     if options.ground_truth is not None and not os.path.isfile(options.ground_truth):
@@ -224,7 +257,8 @@ def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
         model.eval()
         decoder = GreedyDecoder(model, tokenizer, getattr(dataset, "image_loader", None),
                                 config.data.image_root, image_token_id,
-                                getattr(dataset, "num_image_tokens", 0), options.max_new_tokens)
+                                getattr(dataset, "num_image_tokens", 0), options.max_new_tokens,
+                                config.model.seq_length)
         if dist.get_rank() == 0:
             print(f"eval: {len(questions)} questions, checkpoint {config.checkpoint.load} "
                   f"iteration {progress.iteration}", flush=True)

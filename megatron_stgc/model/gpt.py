@@ -69,7 +69,9 @@ def transformer_config_from(config: RunConfig) -> TransformerConfig:
         moe_router_load_balancing_type="aux_loss",
         moe_expert_capacity_factor=m.moe_expert_capacity_factor,
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,
-        moe_grouped_gemm=use_te and moe,
+        # grouped GEMM has no expert biases (megatron-core asserts); biased experts
+        # (Phi-2's add_bias_linear) use SequentialMLP with TE linears instead
+        moe_grouped_gemm=use_te and moe and not m.add_bias_linear,
         moe_permute_fusion=False,
         moe_router_dtype="fp32",
         # kernels: fused paths only where CUDA exists

@@ -11,6 +11,12 @@ import torch
 import torch.distributed as dist
 
 
+def _collective_device() -> torch.device:
+    from megatron_stgc.parallel import collective_device
+
+    return collective_device()
+
+
 def _inside_backward() -> bool:
     # Activation recompute re-runs router forwards inside the backward pass;
     # those must not be counted twice.
@@ -43,7 +49,7 @@ class ExpertLoadCounter:
             routing_map = output[1]
             per_expert = routing_map.reshape(-1, routing_map.shape[-1]).sum(dim=0).detach()
             if layer in self.counts:
-                self.counts[layer] += per_expert.to(torch.long)
+                self.counts[layer] += per_expert.to(torch.long).cpu()
             else:
                 self.counts[layer] = per_expert.to(torch.long).cpu()
             if self.by_modality and self.modality_context.current is not None:
@@ -73,9 +79,10 @@ class ExpertLoadCounter:
         layers = sorted(self.counts)
         if not layers:
             return {}
-        stacked = torch.stack([self.counts[layer] for layer in layers])
+        stacked = torch.stack([self.counts[layer] for layer in layers]).to(_collective_device())
         if dist.is_initialized():
             dist.all_reduce(stacked)
+        stacked = stacked.cpu()
         self.counts = {}
         return {f"layer_{layer}": row.tolist() for layer, row in zip(layers, stacked)}
 
@@ -87,9 +94,11 @@ class ExpertLoadCounter:
         names = [MODALITY_NAMES[code] for code in sorted(MODALITY_NAMES)]
         if not layers:
             return {}
-        stacked = torch.stack([self.modality_counts[layer] for layer in layers])
+        stacked = torch.stack([self.modality_counts[layer] for layer in layers]).to(
+            _collective_device())
         if dist.is_initialized():
             dist.all_reduce(stacked)
+        stacked = stacked.cpu()
         self.modality_counts = {}
         return {f"layer_{layer}": {name: row.tolist() for name, row in zip(names, per_layer)}
                 for layer, per_layer in zip(layers, stacked)}

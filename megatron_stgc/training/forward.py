@@ -26,13 +26,20 @@ def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 VISION_KEYS = ("images", "modality")  # batch keys only the vision-language model takes
 
 
+def to_model_device(batch: dict, model: torch.nn.Module) -> dict:
+    """The batch's tensors on the model's device (the data pipeline builds them on the CPU)."""
+    device = next(model.parameters()).device
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
 def gpt_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     """forward_step_func for megatron-core's get_forward_backward_func().
 
     Text batches: GPTModel(tokens, position_ids, labels). Vision-language batches
     also carry ``images`` and ``modality``, passed on to MoELLaVAModel.
     """
-    batch = next(data_iterator)
+    batch = to_model_device(next(data_iterator), model)
     extras = {key: batch[key] for key in VISION_KEYS if key in batch}
     per_token_loss = model(batch["tokens"], batch["position_ids"], attention_mask=None,
                            labels=batch["labels"], **extras)

@@ -110,9 +110,9 @@ def num_microbatches(config: RunConfig) -> int:
 
 def global_lm_loss(result: StepResult) -> float:
     """Token-weighted mean LM loss over the whole global batch (all DP ranks)."""
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=parallel.collective_device())
     for micro_batch in result.losses:
-        totals += micro_batch["lm_loss"].to(torch.float64)
+        totals += micro_batch["lm_loss"].to(totals)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return float(totals[0] / totals[1].clamp(min=1))
 
@@ -151,7 +151,8 @@ def step_record(config: RunConfig, progress: TrainProgress, result: StepResult,
 
 def global_bad_sample_count(dataset) -> int:
     """Records found unusable while loading batches, summed over data-parallel ranks."""
-    total = torch.tensor([dataset.bad_samples.total], dtype=torch.long)
+    total = torch.tensor([dataset.bad_samples.total], dtype=torch.long,
+                         device=parallel.collective_device())
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return int(total)
 
@@ -161,7 +162,8 @@ def data_report(dataset) -> str:
     from megatron_stgc.data.llava_index import BadSampleCounter
 
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dataset.bad_samples.to_json())
+    dist.all_gather_object(gathered, {**dataset.bad_samples.to_json(),
+                                      "truncated": dataset.truncated})
     merged = BadSampleCounter()
     for counts in gathered:
         for kind, count in counts["counts"].items():
@@ -170,7 +172,9 @@ def data_report(dataset) -> str:
     for kind in merged.examples:
         merged.examples[kind] = sorted(set(merged.examples[kind]))[:merged.max_examples]
     in_use = merged.report().replace("bad samples:", "bad samples found in use (all ranks):")
-    return f"{dataset.index.report()}\n{in_use}"
+    truncated = sum(counts["truncated"] for counts in gathered)
+    return (f"{dataset.index.report()}\n{in_use}\n"
+            f"samples truncated to --seq-length (all ranks, counted per use): {truncated}")
 
 
 def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLogger) -> TrainProgress:
