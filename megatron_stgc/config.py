@@ -428,8 +428,9 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
         _require(os.path.exists(config.data.data_path),
                  f"--data-path: {config.data.data_path} does not exist{hint}")
     if config.data.tokenizer_model is not None:
-        _require(os.path.isfile(config.data.tokenizer_model),
-                 f"--tokenizer-model: {config.data.tokenizer_model} does not exist")
+        _require(os.path.exists(config.data.tokenizer_model),
+                 f"--tokenizer-model: {config.data.tokenizer_model} does not exist (a "
+                 "SentencePiece model, or a Hugging Face tokenizer directory / tokenizer.json)")
     if config.checkpoint.load is not None and config.checkpoint.load != config.checkpoint.save:
         _require(os.path.isdir(config.checkpoint.load),
                  f"--load: directory {config.checkpoint.load} does not exist")

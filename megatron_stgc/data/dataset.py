@@ -27,7 +27,7 @@ import torch
 
 from megatron_stgc.data.instruct_text import (Conversation, format_conversation, format_prompt,
                                               generate_conversations)
-from megatron_stgc.data.tokenizer import Tokenizer, get_or_train_tokenizer
+from megatron_stgc.data.tokenizer import Tokenizer, get_or_train_tokenizer, load_tokenizer
 
 
 def load_conversations(path: str) -> list[Conversation]:
@@ -157,7 +157,7 @@ def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optiona
     else:
         conversations = generate_conversations(num_samples, seed=0)
     if tokenizer_model is not None:
-        tokenizer = Tokenizer(tokenizer_model)
+        tokenizer = load_tokenizer(tokenizer_model)
     else:
         os.makedirs(cache_dir, exist_ok=True)
         tokenizer = get_or_train_tokenizer([format_conversation(c) for c in conversations],

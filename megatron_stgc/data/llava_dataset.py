@@ -168,14 +168,14 @@ def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: st
     """The LLaVA data set and its tokenizer (a SentencePiece model trained on the data and
     cached on first use, unless --tokenizer-model is given). The image token id is the
     first id past the tokenizer's vocabulary. Let rank 0 call it first (index build)."""
-    from megatron_stgc.data.tokenizer import Tokenizer, get_or_train_tokenizer
+    from megatron_stgc.data.tokenizer import get_or_train_tokenizer, load_tokenizer
 
     os.makedirs(cache_dir, exist_ok=True)
     index = LlavaIndex(data_path, image_root=image_root, cache_dir=cache_dir)
     if len(index) == 0:
         raise ValueError(f"--data-path {data_path}: no usable records\n{index.report()}")
     if tokenizer_model is not None:
-        tokenizer = Tokenizer(tokenizer_model)
+        tokenizer = load_tokenizer(tokenizer_model)
     else:
         tokenizer = get_or_train_tokenizer(tokenizer_training_texts(index), vocab_size, cache_dir)
     dataset = LlavaSFTDataset(index, tokenizer, image_loader, seq_length, num_image_tokens,

@@ -1,4 +1,9 @@
-"""SentencePiece tokenizer: load one, or train one on the data at first run (cached)."""
+"""Tokenizers: SentencePiece (load one, or train one on the data at first run, cached), or a
+Hugging Face tokenizer directory (a converted model's own tokenizer, e.g. StableLM-2's BPE).
+
+``load_tokenizer(path)`` picks by what ``path`` is: a directory (or a ``tokenizer.json``)
+-> ``HFTokenizer`` (local files only, no download), anything else -> a SentencePiece model.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,40 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from local files, with the interface of ``Tokenizer``."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        self.model_path = path
+        if os.path.isdir(path):
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        else:
+            self.tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"--tokenizer-model {path}: the tokenizer defines no EOS token")
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)  # added tokens included
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(path: str):
+    """--tokenizer-model: a Hugging Face tokenizer directory / tokenizer.json, or SentencePiece."""
+    if os.path.isdir(path) or path.endswith(".json"):
+        return HFTokenizer(path)
+    return Tokenizer(path)
 
 
 def cached_tokenizer_path(cache_dir: str, texts_fingerprint: str, vocab_size: int) -> str:
