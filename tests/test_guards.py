@@ -126,24 +126,27 @@ BAD = [
 
 @pytest.mark.parametrize("argv,flag", BAD, ids=[b[1] for b in BAD])
 def test_bad_guard_flags_fail_before_any_process_group(argv, flag):
+    process_group_before = dist.is_initialized()  # other tests may have made one
     with pytest.raises(ConfigError, match=flag):
         validate_run_config(parse_run_config(argv), world_size=1)
-    assert not dist.is_initialized()
+    assert dist.is_initialized() == process_group_before  # none created
 
 
 def test_load_whose_tracker_names_a_missing_checkpoint_fails_early(tmp_path):
+    process_group_before = dist.is_initialized()  # other tests may have made one
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("40\n")
     os.makedirs(tmp_path / "iter_0000020")
     config = parse_run_config(["--load", str(tmp_path), "--save", str(tmp_path)])
     with pytest.raises(ConfigError, match="names iteration 40 but .*iter_0000040 is missing"):
         validate_run_config(config, world_size=1)
-    assert not dist.is_initialized()
+    assert dist.is_initialized() == process_group_before  # none created
 
 
 def test_what_megatron_core_rejects_is_caught_before_any_process_group():
     """The last check builds megatron-core's TransformerConfig; its own errors become
     ConfigErrors (here top-1 routing without pre-softmax, which our earlier check would
     name first)."""
+    process_group_before = dist.is_initialized()  # other tests may have made one
     from megatron_stgc.config import _validate_with_megatron_core
 
     config = parse_run_config(["--moe-router-topk", "1", "--moe-router-pre-softmax", "false"])
@@ -152,4 +155,4 @@ def test_what_megatron_core_rejects_is_caught_before_any_process_group():
     _validate_with_megatron_core(parse_run_config([]))  # the defaults pass
     # MoE-LLaVA's 4-Top-1: pre-softmax is switched on for top-1 by default
     validate_run_config(parse_run_config(["--moe-router-topk", "1"]), world_size=1)
-    assert not dist.is_initialized()
+    assert dist.is_initialized() == process_group_before  # none created
