@@ -11,7 +11,6 @@ which is not invariant to the layout.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

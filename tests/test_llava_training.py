@@ -96,3 +96,25 @@ def test_eval_answers_every_question_and_scores(trained):
     assert "image_tag_without_image" in lines[-1]["metadata"]["error"]
     assert set(scores["per_category"]) == {"digit", "even", "greater_than_four", "plus_one",
                                            "text"}
+
+
+def test_export_gathers_every_expert_into_one_pretrained_checkpoint(trained):
+    """megatron-stgc export: the EP=2 checkpoint (2 experts per rank) resharded into one
+    process; model.pt holds all 4 experts of each MoE layer, distinct, loadable as
+    --pretrained-checkpoint."""
+    import torch
+
+    from megatron_stgc.model.pretrained import read_pretrained
+
+    out = trained["root"] / "exported"
+    command = torchrun("export", ["--output", str(out)] + trained["flags"])
+    command[command.index("--nproc-per-node") + 1] = "1"
+    run_job(command, str(trained["root"] / "export.out"), timeout=300)
+    parts = read_pretrained(str(out))
+    assert set(parts) == {"vision_model", "vision_projection", "language_model"}
+    lm = parts["language_model"]
+    for layer in (0, 2):
+        experts = [lm[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc1.weight"]
+                   for e in range(4)]
+        assert all(not torch.equal(experts[0], other) for other in experts[1:])
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in lm  # the dense layer between

@@ -50,7 +50,7 @@ import logging
 import math
 import os
 import threading
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from megatron_stgc.data.conversation import BadConversation, tokenize_conversation
-from megatron_stgc.data.images import BadImage
 from megatron_stgc.data.llava_index import BadSampleCounter, LlavaIndex, ShardedSampler
 from megatron_stgc.model.modality import modality_of
 

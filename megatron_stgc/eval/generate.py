@@ -221,10 +221,8 @@ def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
     from megatron_stgc import parallel
     from megatron_stgc.config import validate_run_config
     from megatron_stgc.eval import scoring
-    from megatron_stgc.training.checkpoint import load_checkpoint
-    from megatron_stgc.training.setup import build_model_and_optimizer
-    from megatron_stgc.training.train import (image_token_id_of, model_vocab_size, prepare_data,
-                                              seed_everything)
+    from megatron_stgc.training.checkpoint import load_model_weights
+    from megatron_stgc.training.train import build_run, image_token_id_of
 
     from megatron_stgc.config import ConfigError
 
@@ -243,16 +241,9 @@ def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
     questions = read_questions(options.question_file)
     parallel.initialize_distributed()
     try:
-        parallel.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
-                                           config.parallel.expert_model_parallel_size,
-                                           config.training.seed)
-        seed_everything(config.training.seed)
-        dataset, tokenizer = prepare_data(config)
+        dataset, tokenizer, objects = build_run(config)
         image_token_id = image_token_id_of(dataset)
-        objects = build_model_and_optimizer(config, model_vocab_size(config, tokenizer, dataset),
-                                            image_token_id)
-        progress = load_checkpoint(config.checkpoint.load, objects.model, objects.optimizer,
-                                   objects.scheduler)
+        progress = load_model_weights(config.checkpoint.load, objects.model)
         model = objects.model[0]
         model.eval()
         decoder = GreedyDecoder(model, tokenizer, getattr(dataset, "image_loader", None),

@@ -126,7 +126,9 @@ def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgr
     """
     rank = dist.get_rank()
     final = checkpoint_dir(root, progress.iteration)
-    stamp = torch.tensor([int(time.time() * 1000)], dtype=torch.long)
+    from megatron_stgc.parallel import collective_device
+
+    stamp = torch.tensor([int(time.time() * 1000)], dtype=torch.long, device=collective_device())
     dist.broadcast(stamp, src=0)
     staging = f"{final}.tmp-{int(stamp.item())}"
     if rank == 0:
@@ -244,13 +246,8 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = state["step"].clone()
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler,
-                    iteration: Optional[int] = None) -> TrainProgress:
-    """Load the tracker's (or ``iteration``'s) checkpoint into model, optimizer,
-    scheduler and RNG states collectively; returns the saved progress.
-
-    Raises FileNotFoundError naming --load when there is nothing to load.
-    """
+def _checkpoint_path(root: str, iteration: Optional[int]) -> str:
+    """The directory of the tracker's (or ``iteration``'s) checkpoint under ``root``."""
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:
@@ -263,6 +260,17 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
         path = os.path.join(root, moved[-1]) if moved else path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load {root}: checkpoint directory {path} is missing")
+    return path
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler,
+                    iteration: Optional[int] = None) -> TrainProgress:
+    """Load the tracker's (or ``iteration``'s) checkpoint into model, optimizer,
+    scheduler and RNG states collectively; returns the saved progress.
+
+    Raises FileNotFoundError naming --load when there is nothing to load.
+    """
+    path = _checkpoint_path(root, iteration)
     saved_world = dist_checkpointing.load_common_state_dict(path).get("world_size")
     same_world = saved_world == dist.get_world_size()
     if not same_world and dist.get_rank() == 0:
@@ -284,3 +292,21 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
     if same_world:
         _set_rng_state(state["rng_state"])
     return TrainProgress(**state["progress"])
+
+
+def load_model_weights(root: str, model, iteration: Optional[int] = None) -> TrainProgress:
+    """Only the model's weights (and the saved progress) of the tracker's checkpoint.
+
+    For eval and export: no optimizer, scheduler or RNG state is read, so any saved
+    parallel layout loads (an EP=2 MoE's experts into one process, say); the full load
+    would also have to map the optimizer's layout, which differs between EP sizes.
+    """
+    path = _checkpoint_path(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    if common["format_version"] != FORMAT_VERSION:
+        raise RuntimeError(f"--load {path}: checkpoint format {common['format_version']}, "
+                           f"this code reads {FORMAT_VERSION}")
+    state = dist_checkpointing.load({"model": model[0].module.sharded_state_dict()}, path)
+    with torch.no_grad():  # loading writes into parameters in place
+        model[0].module.load_state_dict(state["model"])
+    return TrainProgress(**common["progress"])

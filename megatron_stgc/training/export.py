@@ -28,10 +28,8 @@ def run_export(config: RunConfig, output: str) -> str:
     """Load --load into a one-process model and write ``output``/model.pt; returns its path."""
     from megatron_stgc import parallel
     from megatron_stgc.config import validate_run_config
-    from megatron_stgc.training.checkpoint import load_checkpoint
-    from megatron_stgc.training.setup import build_model_and_optimizer
-    from megatron_stgc.training.train import (image_token_id_of, model_vocab_size, prepare_data,
-                                              seed_everything)
+    from megatron_stgc.training.checkpoint import load_model_weights
+    from megatron_stgc.training.train import build_run
 
     if config.checkpoint.load is None:
         raise ConfigError("export needs --load (the checkpoint to export)")
@@ -45,13 +43,8 @@ def run_export(config: RunConfig, output: str) -> str:
     validate_run_config(config, 1)
     parallel.initialize_distributed()
     try:
-        parallel.initialize_model_parallel(1, 1, config.training.seed)
-        seed_everything(config.training.seed)
-        dataset, tokenizer = prepare_data(config)
-        objects = build_model_and_optimizer(config, model_vocab_size(config, tokenizer, dataset),
-                                            image_token_id_of(dataset))
-        progress = load_checkpoint(config.checkpoint.load, objects.model, objects.optimizer,
-                                   objects.scheduler)
+        _, _, objects = build_run(config)
+        progress = load_model_weights(config.checkpoint.load, objects.model)
         os.makedirs(output, exist_ok=True)
         path = os.path.join(output, "model.pt")
         tmp = path + ".tmp"

@@ -232,6 +232,19 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
     return records
 
 
+def build_run(config: RunConfig) -> tuple[Any, Tokenizer, TrainingObjects]:
+    """megatron-core parallel state, seeds, data set + tokenizer, model + optimizer + scheduler
+    for ``config``; call after ``parallel.initialize_distributed`` (train, eval, export)."""
+    parallel.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
+                                       config.parallel.expert_model_parallel_size,
+                                       config.training.seed)
+    seed_everything(config.training.seed)
+    dataset, tokenizer = prepare_data(config)
+    objects = build_model_and_optimizer(config, model_vocab_size(config, tokenizer, dataset),
+                                        image_token_id_of(dataset))
+    return dataset, tokenizer, objects
+
+
 def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list[dict[str, Any]]:
     """Train with ``config`` on this rank; returns the per-step records.
 
@@ -244,13 +257,7 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
     elastic.init_process_group_after_restart()  # no-op unless torchrun restarted us
     parallel.initialize_distributed()
     try:
-        parallel.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
-                                           config.parallel.expert_model_parallel_size,
-                                           config.training.seed)
-        seed_everything(config.training.seed)
-        dataset, tokenizer = prepare_data(config)
-        vocab = model_vocab_size(config, tokenizer, dataset)
-        objects = build_model_and_optimizer(config, vocab, image_token_id_of(dataset))
+        dataset, tokenizer, objects = build_run(config)
         logger = StepLogger(dist.get_rank(), config.training.train_iters,
                             config.logging.log_interval, config.logging.log_file,
                             config.logging.tensorboard_dir)
