@@ -216,6 +216,14 @@ def answer_records(questions: list[dict], answers: list[dict], model_id: str) ->
     return records
 
 
+def format_scores(results: dict) -> str:
+    """One line per category and one overall: accuracy (correct/total, missing, errors)."""
+    rows = sorted(results["per_category"].items()) + [("overall", results["overall"])]
+    return "\n".join(f"eval: {name:>20} {100 * row['accuracy']:5.1f}% ({row['correct']}/"
+                     f"{row['total']}, missing {row['missing']}, errors {row['errors']})"
+                     for name, row in rows)
+
+
 def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
     """Load --load, answer --question-file, write --answers-file, score (rank 0 returns scores)."""
     from megatron_stgc import parallel
@@ -266,7 +274,7 @@ def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
         if options.results_file:
             with open(options.results_file, "w") as f:
                 json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2), flush=True)
+        print(format_scores(results), flush=True)
         return results
     finally:
         parallel.destroy()
