@@ -139,11 +139,15 @@ class LlavaSFTDataset:
             "modality": modality_of(inputs, self.image_token_id, lengths),
         }
 
-    def report(self) -> str:
-        """Bad records found at index build time and in use, and the truncation count."""
-        index_part = self.index.report()
-        runtime = self.bad_samples.report().replace("bad samples:", "bad samples found in use:")
-        return f"{index_part}\n{runtime}\ntruncated to --seq-length: {self.truncated}"
+    def report(self, bad_samples: Optional[BadSampleCounter] = None,
+               truncated: Optional[int] = None, scope: str = "") -> str:
+        """Bad records found at index build time and in use, and the truncation count;
+        ``bad_samples``/``truncated``: totals of several ranks instead of this one's."""
+        bad_samples = self.bad_samples if bad_samples is None else bad_samples
+        truncated = self.truncated if truncated is None else truncated
+        in_use = bad_samples.report().replace("bad samples:", f"bad samples found in use{scope}:")
+        return (f"{self.index.report()}\n{in_use}\n"
+                f"samples truncated to --seq-length{scope} (counted per use): {truncated}")
 
 
 def tokenizer_training_texts(index: LlavaIndex, limit: int = 20000) -> list[str]:

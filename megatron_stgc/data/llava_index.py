@@ -93,6 +93,18 @@ class BadSampleCounter:
         return {"counts": self.counts, "examples": self.examples}
 
     @classmethod
+    def merged(cls, counters: list["BadSampleCounter"]) -> "BadSampleCounter":
+        """One counter summing ``counters`` (e.g. one per rank); examples deduplicated."""
+        total = cls()
+        for counter in counters:
+            for kind, count in counter.counts.items():
+                total.counts[kind] = total.counts.get(kind, 0) + count
+                total.examples.setdefault(kind, []).extend(counter.examples[kind])
+        for kind in total.examples:
+            total.examples[kind] = sorted(set(total.examples[kind]))[:total.max_examples]
+        return total
+
+    @classmethod
     def from_json(cls, data: dict) -> "BadSampleCounter":
         return cls(counts=dict(data["counts"]), examples={k: list(v) for k, v in
                                                           data["examples"].items()})

@@ -162,19 +162,10 @@ def data_report(dataset) -> str:
     from megatron_stgc.data.llava_index import BadSampleCounter
 
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {**dataset.bad_samples.to_json(),
-                                      "truncated": dataset.truncated})
-    merged = BadSampleCounter()
-    for counts in gathered:
-        for kind, count in counts["counts"].items():
-            merged.counts[kind] = merged.counts.get(kind, 0) + count
-            merged.examples.setdefault(kind, []).extend(counts["examples"][kind])
-    for kind in merged.examples:
-        merged.examples[kind] = sorted(set(merged.examples[kind]))[:merged.max_examples]
-    in_use = merged.report().replace("bad samples:", "bad samples found in use (all ranks):")
-    truncated = sum(counts["truncated"] for counts in gathered)
-    return (f"{dataset.index.report()}\n{in_use}\n"
-            f"samples truncated to --seq-length (all ranks, counted per use): {truncated}")
+    dist.all_gather_object(gathered, (dataset.bad_samples, dataset.truncated))
+    merged = BadSampleCounter.merged([counter for counter, _ in gathered])
+    return dataset.report(merged, sum(truncated for _, truncated in gathered),
+                          scope=" (all ranks)")
 
 
 def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLogger) -> TrainProgress:
