@@ -99,20 +99,24 @@ class GreedyDecoder:
         images, failures = self.image_loader.load(paths)
         return images, {rows[i]: f"{error.kind}: {paths[i]}" for i, error in failures}
 
-    def _unusable_prompts(self, questions: list[dict]) -> dict[int, str]:
-        """{row: error} for questions whose prompt cannot be built or does not fit."""
+    def _prompts(self, questions: list[dict]) -> tuple[dict[int, list[int]], dict[int, str]]:
+        """({row: prompt ids}, {row: error}): an error where the prompt cannot be built or
+        does not fit --seq-length."""
         from megatron_stgc.data.conversation import BadConversation
 
-        errors = {}
+        prompts, errors = {}, {}
         for row, question in enumerate(questions):
             try:
-                length = len(self.prompt(question))
+                prompt = self.prompt(question)
             except BadConversation as error:
                 errors[row] = f"{error.kind}: {error}"
                 continue
-            if length >= self.max_length:
-                errors[row] = f"prompt of {length} tokens does not fit --seq-length {self.max_length}"
-        return errors
+            if len(prompt) >= self.max_length:
+                errors[row] = (f"prompt of {len(prompt)} tokens does not fit --seq-length "
+                               f"{self.max_length}")
+            else:
+                prompts[row] = prompt
+        return prompts, errors
 
     def _step_logits(self, sequences: list[list[int]], images) -> torch.Tensor:
         """Logits at every row's last position: [b, vocab]."""
@@ -132,11 +136,11 @@ class GreedyDecoder:
     def decode(self, questions: list[dict]) -> list[dict]:
         """Answers for ``questions`` (may be empty: one padding row keeps the collectives)."""
         # rows whose prompt or image is unusable get an error instead of an answer
-        failed = self._unusable_prompts(questions)
+        prompts, failed = self._prompts(questions)
         images, unreadable = self.images(questions, skip=failed)
         failed.update(unreadable)
         keep = [i for i in range(len(questions)) if i not in failed]
-        sequences = [self.prompt(questions[i]) for i in keep]
+        sequences = [prompts[i] for i in keep]
         if not sequences:
             sequences, dummy = [[self.tokenizer.eos_id]], True
         else:
