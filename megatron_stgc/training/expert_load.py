@@ -10,11 +10,26 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_stgc.model.modality import MODALITY_NAMES
 
-def _collective_device() -> torch.device:
+
+MODALITY_CODES = sorted(MODALITY_NAMES)
+
+
+def _accumulate(store: dict[int, torch.Tensor], layer: int, value: torch.Tensor) -> None:
+    """Add ``value`` to ``store[layer]``; counts stay on the router's device (no host sync in
+    the forward), they move for the reduction in ``collect``."""
+    store[layer] = value if layer not in store else store[layer] + value
+
+
+def _summed_over_ranks(rows: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(rows) summed over all ranks, on the CPU (collective)."""
     from megatron_stgc.parallel import collective_device
 
-    return collective_device()
+    stacked = torch.stack(rows).to(collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+    return stacked.cpu()
 
 
 def _inside_backward() -> bool:
@@ -48,10 +63,7 @@ class ExpertLoadCounter:
                 return
             routing_map = output[1]
             per_expert = routing_map.reshape(-1, routing_map.shape[-1]).sum(dim=0).detach()
-            if layer in self.counts:
-                self.counts[layer] += per_expert.to(torch.long).cpu()
-            else:
-                self.counts[layer] = per_expert.to(torch.long).cpu()
+            _accumulate(self.counts, layer, per_expert.to(torch.long))
             if self.by_modality and self.modality_context.current is not None:
                 self._count_by_modality(layer, routing_map, self.modality_context.current)
 
@@ -64,42 +76,28 @@ class ExpertLoadCounter:
     def _count_by_modality(self, layer: int, routing_map: torch.Tensor,
                            modality: torch.Tensor) -> None:
         """routing_map: [tokens, experts] bool; modality: [tokens] (megatron's s*b order)."""
-        from megatron_stgc.model.modality import MODALITY_NAMES
-
         routed = routing_map.reshape(-1, routing_map.shape[-1]).to(torch.long)
-        rows = torch.stack([routed[modality.to(routed.device) == code].sum(dim=0)
-                            for code in sorted(MODALITY_NAMES)]).cpu()
-        if layer in self.modality_counts:
-            self.modality_counts[layer] += rows
-        else:
-            self.modality_counts[layer] = rows
+        modality = modality.to(routed.device)
+        rows = torch.stack([routed[modality == code].sum(dim=0) for code in MODALITY_CODES])
+        _accumulate(self.modality_counts, layer, rows)
 
     def collect(self) -> dict[str, list[int]]:
         """{"layer_<n>": [tokens per expert]} summed over ranks since the last collect."""
         layers = sorted(self.counts)
         if not layers:
             return {}
-        stacked = torch.stack([self.counts[layer] for layer in layers]).to(_collective_device())
-        if dist.is_initialized():
-            dist.all_reduce(stacked)
-        stacked = stacked.cpu()
+        stacked = _summed_over_ranks([self.counts[layer] for layer in layers])
         self.counts = {}
         return {f"layer_{layer}": row.tolist() for layer, row in zip(layers, stacked)}
 
     def collect_by_modality(self) -> dict[str, dict[str, list[int]]]:
         """{"layer_<n>": {"text": [...], "image": [...]}} summed over ranks; collective."""
-        from megatron_stgc.model.modality import MODALITY_NAMES
-
         layers = sorted(self.modality_counts)
-        names = [MODALITY_NAMES[code] for code in sorted(MODALITY_NAMES)]
         if not layers:
             return {}
-        stacked = torch.stack([self.modality_counts[layer] for layer in layers]).to(
-            _collective_device())
-        if dist.is_initialized():
-            dist.all_reduce(stacked)
-        stacked = stacked.cpu()
+        stacked = _summed_over_ranks([self.modality_counts[layer] for layer in layers])
         self.modality_counts = {}
+        names = [MODALITY_NAMES[code] for code in MODALITY_CODES]
         return {f"layer_{layer}": {name: row.tolist() for name, row in zip(names, per_layer)}
                 for layer, per_layer in zip(layers, stacked)}
 
