@@ -263,6 +263,12 @@ def _checkpoint_path(root: str, iteration: Optional[int]) -> str:
     return path
 
 
+def _check_format(path: str, saved_version: int) -> None:
+    if saved_version != FORMAT_VERSION:
+        raise RuntimeError(f"--load {path}: checkpoint format {saved_version}, "
+                           f"this code reads {FORMAT_VERSION}")
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler,
                     iteration: Optional[int] = None) -> TrainProgress:
     """Load the tracker's (or ``iteration``'s) checkpoint into model, optimizer,
@@ -281,9 +287,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
     template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True,
                               with_rng=same_world)
     state = dist_checkpointing.load(template, path)
-    if state["format_version"] != FORMAT_VERSION:
-        raise RuntimeError(f"--load {path}: checkpoint format {state['format_version']}, "
-                           f"this code reads {FORMAT_VERSION}")
+    _check_format(path, state["format_version"])
     with torch.no_grad():  # loading writes into parameters in place
         model[0].module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -303,9 +307,7 @@ def load_model_weights(root: str, model, iteration: Optional[int] = None) -> Tra
     """
     path = _checkpoint_path(root, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
-    if common["format_version"] != FORMAT_VERSION:
-        raise RuntimeError(f"--load {path}: checkpoint format {common['format_version']}, "
-                           f"this code reads {FORMAT_VERSION}")
+    _check_format(path, common["format_version"])
     state = dist_checkpointing.load({"model": model[0].module.sharded_state_dict()}, path)
     with torch.no_grad():  # loading writes into parameters in place
         model[0].module.load_state_dict(state["model"])
