@@ -12,6 +12,7 @@ import torch
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
 from megatron_stgc.config import RunConfig
+from megatron_stgc.model.llava import model_parts
 
 
 def _moe_parameter_ids(language_model: torch.nn.Module) -> set[int]:
@@ -22,19 +23,12 @@ def _moe_parameter_ids(language_model: torch.nn.Module) -> set[int]:
 def frozen_parameter_names(model: torch.nn.Module, config: RunConfig) -> list[str]:
     """Names of the parameters the freeze flags select (model: MoELLaVAModel or GPTModel)."""
     v = config.vision
-    language_model = getattr(model, "language_model", model)
-    keep_moe = _moe_parameter_ids(language_model)
-    lm_ids = {id(p) for p in language_model.parameters()}
-    vision_ids = {id(p) for p in getattr(model, "vision_model", torch.nn.Module()).parameters()}
-    projection_ids = {id(p) for p in
-                      getattr(model, "vision_projection", torch.nn.Module()).parameters()}
-    names = []
-    for name, param in model.named_parameters():
-        key = id(param)
-        if ((v.freeze_vit and key in vision_ids) or (v.freeze_projection and key in projection_ids)
-                or (v.freeze_lm and key in lm_ids and key not in keep_moe)):
-            names.append(name)
-    return names
+    flags = {"vision_model": v.freeze_vit, "vision_projection": v.freeze_projection,
+             "language_model": v.freeze_lm}
+    parts = model_parts(model)
+    frozen = {id(p) for part, module in parts.items() if flags[part] for p in module.parameters()}
+    frozen -= _moe_parameter_ids(parts["language_model"])  # the MoE layers keep training
+    return [name for name, param in model.named_parameters() if id(param) in frozen]
 
 
 def apply_freezing(model: torch.nn.Module, config: RunConfig) -> list[str]:

@@ -114,6 +114,15 @@ class MoELLaVAModel(MegatronModule):
             self.modality.set(None)
 
 
+def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{"vision_model", "vision_projection", "language_model"} of a MoELLaVAModel; a plain
+    GPTModel is just {"language_model": model}."""
+    if isinstance(model, MoELLaVAModel):
+        return {"vision_model": model.vision_model, "vision_projection": model.vision_projection,
+                "language_model": model.language_model}
+    return {"language_model": model}
+
+
 def build_llava_model(config: RunConfig, language_model: GPTModel,
                       image_token_id: int) -> MoELLaVAModel:
     """Wrap an already built MoE GPT with the vision tower and projector of ``config.vision``."""

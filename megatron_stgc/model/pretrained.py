@@ -22,6 +22,8 @@ import torch
 
 from megatron_stgc.config import RunConfig
 
+from megatron_stgc.model.llava import model_parts
+
 PARTS = ("vision_model", "vision_projection", "language_model")
 
 
@@ -72,11 +74,7 @@ def load_pretrained(model: torch.nn.Module, config: RunConfig, vocab_size: int) 
     path = config.vision.pretrained_checkpoint
     parts = read_pretrained(path)
     loaded, kept_random = [], []
-    for part in PARTS:
-        module = model if part == "language_model" and not hasattr(model, part) else \
-            getattr(model, part, None)
-        if module is None:
-            continue
+    for part, module in model_parts(model).items():
         if part not in parts:
             kept_random.append(part)
             continue
