@@ -7,9 +7,15 @@
 #       torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \
 #           -m megatron_stgc train --config examples/stablelm_1.6b_moe.yaml ...
 #
-# The tag is pinned (never `latest`); megatron-core 0.16.1 needs the image's Python >= 3.10.
-# tests/test_dockerfile.py checks this file statically (CI cannot run docker build).
-FROM nvcr.io/nvidia/pytorch:25.01-py3
+# The tag is pinned (never `latest`). NGC 25.12 (NVIDIA's release notes): Python 3.12,
+# PyTorch 2.10.0a0+b4e4ee81d3, CUDA 13.1, a pip constraints file at /etc/pip/constraint.txt.
+# megatron-core 0.19.2 (the newest release CI tests) needs Python >= 3.12 and torch >= 2.6.0.
+# The image's torch, Transformer Engine and apex were built together: nothing below may let
+# pip replace torch, so megatron-core and this package install with --no-deps, and the
+# build fails if torch's version changed anyway.
+# tests/test_dockerfile.py checks this file statically (CI has no Docker engine); nobody has
+# built this image in CI.
+FROM nvcr.io/nvidia/pytorch:25.12-py3
 
 ENV PYTHONUNBUFFERED=1
 
@@ -20,11 +26,12 @@ COPY examples ./examples
 COPY tools ./tools
 COPY tests ./tests
 
-# The NGC image already ships torch, apex, Transformer Engine and DALI: keep them
-# (--no-deps for this package, whose setup.py pins the CPU CI torch). megatron-core is
-# pinned to the version CI tests.
-RUN pip install --no-cache-dir "megatron-core==0.16.1" sentencepiece pyyaml psutil \
+RUN python -c "import torch; print(torch.__version__)" > /tmp/torch_version_before \
+ && pip install --no-cache-dir --no-deps "megatron-core==0.19.2" \
+ && pip install --no-cache-dir sentencepiece pyyaml psutil \
  && pip install --no-cache-dir --no-deps -e . \
+ && python -c "import torch; print(torch.__version__)" > /tmp/torch_version_after \
+ && cmp /tmp/torch_version_before /tmp/torch_version_after \
  && python -c "import megatron_stgc, megatron.core; print('megatron-core', megatron.core.__version__)" \
  && megatron-stgc train --help > /dev/null
 

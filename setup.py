@@ -11,10 +11,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_stgc", "megatron_stgc.*"]),
     install_requires=[
-        "torch==2.13.0",
-        # 0.16.1 is the newest megatron-core that installs on Python 3.11 (0.17 needs 3.12);
-        # CI installs and tests 0.16.1.
-        "megatron-core>=0.16.1,<0.20",
+        # megatron-core's own requirement; CI installs the CPU build of torch 2.13.0 first,
+        # NGC images bring theirs (Dockerfile: installed with --no-deps).
+        "torch>=2.6.0",
+        # Only the releases CI tests (megatron_stgc/mcore_compat.py TESTED_VERSIONS, .ci/run):
+        # 0.16.1 (the newest that installs on Python 3.11), 0.17.1, 0.18.2, 0.19.2 (Python
+        # >= 3.12). The other releases in the range are excluded.
+        "megatron-core>=0.16.1,<=0.19.2,!=0.17.0,!=0.18.0,!=0.18.1,!=0.19.0,!=0.19.1",
         "sentencepiece",
         "pyyaml",
         "numpy",

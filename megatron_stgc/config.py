@@ -469,7 +469,29 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
             config.stgc.layer_set(m.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if config.stgc.enabled and m.num_experts is not None:
+        _validate_stgc_layers(config)
     _validate_with_megatron_core(config)
+
+
+def moe_layer_indices(config: RunConfig) -> list[int]:
+    """0-based decoder layers that are MoE layers (megatron-core's --moe-layer-freq rule)."""
+    m = config.model
+    if m.num_experts is None:
+        return []
+    return [i for i in range(m.num_layers) if i % m.moe_layer_freq == 0]
+
+
+def _validate_stgc_layers(config: RunConfig) -> None:
+    """--stgc must reach at least one MoE layer, and --stgc-layers name only MoE layers."""
+    moe = moe_layer_indices(config)
+    selected = sorted(config.stgc.layer_set(config.model.num_layers))
+    if config.stgc.layers is not None:
+        dense = [i for i in selected if i not in moe]
+        _require(not dense, f"--stgc-layers names layers {dense}, which are not MoE layers "
+                            f"(MoE layers: {moe}; --moe-layer-freq {config.model.moe_layer_freq})")
+    _require(any(i in moe for i in selected),
+             f"--stgc reaches no MoE layer: --stgc-layers selects {selected}, MoE layers are {moe}")
 
 
 def _validate_vision(config: RunConfig) -> None:

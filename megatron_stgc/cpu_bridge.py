@@ -22,7 +22,9 @@ Patches (all applied by ``install()``):
                           on CPU, split tensors asked for "as numpy" become lists.
 * ``te_general_gemm``     ``moe_utils.te_general_gemm`` is only defined when
                           Transformer Engine imports; the router gating function
-                          reads it unconditionally. Define it as ``None``.
+                          reads it unconditionally. Define it as ``None``. Needed
+                          up to megatron-core 0.18; 0.19 defines it itself (the
+                          patch then does nothing and is not listed as installed).
 * ``causal_mask``         ``get_default_causal_mask`` (used by the unfused softmax
                           when no mask is passed) builds its mask on "cuda"; on
                           CPU it builds the same upper-triangular mask on the CPU.
@@ -139,11 +141,16 @@ def _patch_alltoall_splits() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu_as_lists
 
 
+def _te_general_gemm_missing() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    return not hasattr(moe_utils, "te_general_gemm")
+
+
 def _patch_te_general_gemm() -> None:
     from megatron.core.transformer.moe import moe_utils
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    moe_utils.te_general_gemm = None
 
 
 def _cpu_if_cuda(device):
@@ -296,6 +303,22 @@ _PATCHES = {
 }
 
 
+# Patches that only some megatron-core versions need: name -> "is it needed here?"
+_NEEDED_WHEN = {
+    "te_general_gemm": _te_general_gemm_missing,
+}
+
+
+_NEEDED: dict[str, bool] = {}  # decided once, before any patch changes what it looks at
+
+
+def patch_needed(name: str) -> bool:
+    """Whether this megatron-core version has the CUDA assumption patch ``name`` bridges."""
+    if name not in _NEEDED:
+        _NEEDED[name] = _NEEDED_WHEN.get(name, lambda: True)()
+    return _NEEDED[name]
+
+
 def install(exclude: tuple[str, ...] = ()) -> list[str]:
     """Apply every CPU patch once; a no-op when CUDA is available.
 
@@ -309,7 +332,7 @@ def install(exclude: tuple[str, ...] = ()) -> list[str]:
     if cuda_available() or _INSTALLED:
         return installed_patches()
     for name, patch in _PATCHES.items():
-        if name in exclude:
+        if name in exclude or not patch_needed(name):
             continue
         patch()
         _INSTALLED.append(name)

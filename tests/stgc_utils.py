@@ -14,10 +14,10 @@ cpu_bridge.install()
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from dist_utils import free_port  # noqa: E402
+from megatron_stgc.mcore_compat import build_moe_layer  # noqa: E402
 from megatron_stgc.stgc.config import STGCConfig  # noqa: E402
 from megatron_stgc.stgc.spec import stgc_moe_spec  # noqa: E402
 
@@ -53,7 +53,7 @@ def build_stgc_layer(config: TransformerConfig, stgc: STGCConfig, seed: int = 12
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     spec = stgc_moe_spec(get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts), stgc)
-    layer = build_module(spec, config=config, layer_number=1)
+    layer = build_moe_layer(spec, config, layer_number=1)
     if config.add_bias_linear:
         from megatron_stgc.model.expert_bias import install_expert_bias_fix
 

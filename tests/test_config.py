@@ -73,6 +73,9 @@ BAD_CONFIGS = [
     (["--stgc", "--stgc-mode", "three-pass"], 1, "--stgc-mode"),
     (["--stgc", "--stgc-layers", "0-9", "--num-layers", "4"], 1, "--stgc-layers"),
     (["--stgc", "--stgc-tau", "2"], 1, "--stgc-tau"),
+    # default model: 4 layers, MoE every 2nd layer (0 and 2)
+    (["--stgc", "--stgc-layers", "1,2"], 1, "--stgc-layers names layers [1]"),
+    (["--stgc", "--stgc-layers", "3"], 1, "--stgc-layers names layers [3]"),
     (["--fp8-format", "e4m3"], 1, "--fp8-format"),
     (["--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "allgather"], 1,
      "--moe-expert-capacity-factor"),

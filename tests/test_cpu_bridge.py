@@ -14,6 +14,12 @@ import pytest
 
 from megatron_stgc import cpu_bridge
 
+
+def megatron_core_version() -> str:
+    import megatron.core
+
+    return megatron.core.__version__
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK_SCRIPT = os.path.join(HERE, "bridge_checks.py")
 
@@ -70,6 +76,8 @@ def test_all_checks_pass_with_the_bridge(outcomes):
 
 @pytest.mark.parametrize("patch", sorted(FAILURE_WITHOUT))
 def test_check_fails_without_its_patch(patch, outcomes):
+    if not cpu_bridge.patch_needed(patch):
+        pytest.skip(f"megatron-core {megatron_core_version()} does not need {patch}")
     code, output = outcomes[f"without_{patch}"]
     assert code != 0, f"{patch}: the check passed without the patch:\n{output}"
     assert FAILURE_WITHOUT[patch] in output, output

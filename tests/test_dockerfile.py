@@ -7,7 +7,11 @@ package is installed; a RUN line pip-installs this package (``.``, the directory
 whose setup.py is named megatron_stgc) and megatron-core pinned to the version
 setup.py allows and CI tests; the program in CMD/ENTRYPOINT exists (the console
 script declared in setup.py, resolved to a callable, run with the image's
-default arguments). Each check is also shown to reject a broken Dockerfile.
+default arguments); the base image's Python and torch (recorded from NVIDIA's release
+notes) fit the pinned megatron-core, and neither megatron-core nor this package can make pip
+replace the image's torch (--no-deps). Each check is also shown to reject a broken Dockerfile,
+including the original mistake: NGC 25.01 (torch 2.6.0a0) with megatron-core 0.16.1 installed
+with its dependencies, where pip pulls a PyPI torch over the image's.
 """
 
 from __future__ import annotations
@@ -24,10 +28,31 @@ import sys
 
 import pytest
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from megatron_stgc.mcore_compat import TESTED_VERSIONS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKERFILE = os.path.join(REPO, "Dockerfile")
 DOCKERIGNORE = os.path.join(REPO, ".dockerignore")
-CI_MEGATRON_CORE = "0.16.1"
+
+# What an NGC PyTorch image holds, from NVIDIA's PyTorch container release notes
+# (docs.nvidia.com/deeplearning/frameworks/pytorch-release-notes/rel-YY-MM.html).
+# A tag not listed here fails the check until its Python and torch are looked up.
+NGC_PYTORCH = {
+    "25.01-py3": {"python": "3.12", "torch": "2.6.0a0"},  # torch 2.6.0a0+ecf3bae40a
+    "25.12-py3": {"python": "3.12", "torch": "2.10.0a0"},  # torch 2.10.0a0+b4e4ee81d3
+}
+# Requires-Python and the torch requirement of each megatron-core release CI tests
+# (the wheels' METADATA).
+MEGATRON_CORE = {
+    "0.16.1": {"python": ">=3.10", "torch": ">=2.6.0"},
+    "0.17.1": {"python": ">=3.12", "torch": ">=2.6.0"},
+    "0.18.2": {"python": ">=3.12", "torch": ">=2.6.0"},
+    "0.19.2": {"python": ">=3.12", "torch": ">=2.6.0"},
+}
+assert set(MEGATRON_CORE) == set(TESTED_VERSIONS)
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -118,6 +143,10 @@ def problems(text: str, ignored: list[str]) -> list[str]:
         found.append(f"base image {image} is not nvcr.io/nvidia/pytorch:<tag>")
     elif not re.fullmatch(r"\d{2}\.\d{2}-py3", match.group(1)):
         found.append(f"base image tag {match.group(1)!r} is not a pinned NGC release (YY.MM-py3)")
+    image_facts = NGC_PYTORCH.get(match.group(1)) if match else None
+    if match and image_facts is None:
+        found.append(f"base image tag {match.group(1)!r}: its Python and torch are not recorded "
+                     "in NGC_PYTORCH (look them up in NVIDIA's release notes)")
 
     copied, install_at = set(), None
     for index, (word, args) in enumerate(steps):
@@ -141,16 +170,24 @@ def problems(text: str, ignored: list[str]) -> list[str]:
                         missing = needed - copied
                         if missing:
                             found.append(f"pip install . runs before COPY of {sorted(missing)}")
+                    no_deps = "--no-deps" in tokens
+                    if ("." in targets or "./" in targets) and not no_deps:
+                        found.append("pip install . without --no-deps: setup.py's torch "
+                                     "requirement lets pip replace the image's torch")
                     for target in targets:
                         if target.startswith("megatron-core") or target.startswith("megatron_core"):
-                            if target != f"megatron-core=={CI_MEGATRON_CORE}":
-                                found.append(f"megatron-core is not pinned to the CI version: "
-                                             f"{target!r}")
+                            pinned = re.fullmatch(r"megatron-core==(\S+)", target)
+                            if pinned is None or pinned.group(1) not in TESTED_VERSIONS:
+                                found.append(f"megatron-core is not pinned to a version CI tests "
+                                             f"({', '.join(TESTED_VERSIONS)}): {target!r}")
+                                continue
+                            found += _megatron_core_fits_image(pinned.group(1), image_facts,
+                                                               no_deps)
     if install_at is None:
         found.append("no RUN line pip-installs this package (pip install [-e] .)")
     elif meta.get("name") != "megatron_stgc":
         found.append(f"setup.py at the install path names {meta.get('name')!r}")
-    if not any(t == f"megatron-core=={CI_MEGATRON_CORE}" for w, a in steps if w == "RUN"
+    if not any(re.fullmatch(r"megatron-core==\S+", t) for w, a in steps if w == "RUN"
                for command in _commands(a) for t in command):
         found.append("megatron-core is not installed pinned")
 
@@ -175,6 +212,27 @@ def problems(text: str, ignored: list[str]) -> list[str]:
         elif program[0] not in ("torchrun", "bash", "sh"):
             found.append(f"the entry point {program[0]!r} is neither a console script of "
                          "setup.py nor python -m <module>")
+    return found
+
+
+def _megatron_core_fits_image(version: str, image: dict | None, no_deps: bool) -> list[str]:
+    """megatron-core ``version`` installed into the NGC image described by ``image``."""
+    if image is None:
+        return []
+    needs = MEGATRON_CORE[version]
+    found = []
+    if not SpecifierSet(needs["python"]).contains(image["python"]):
+        found.append(f"megatron-core {version} needs Python {needs['python']}; the base image "
+                     f"has Python {image['python']}")
+    torch_ok = SpecifierSet(needs["torch"]).contains(Version(image["torch"]), prereleases=True)
+    if not no_deps:
+        if not torch_ok:
+            found.append(f"megatron-core {version} needs torch {needs['torch']}, which the "
+                         f"image's torch {image['torch']} does not satisfy: pip would replace "
+                         "the image's torch (install megatron-core with --no-deps)")
+        else:
+            found.append(f"megatron-core {version} installed without --no-deps: pip may upgrade "
+                         "the image's torch or its other pinned packages")
     return found
 
 
@@ -206,14 +264,21 @@ def test_default_command_runs():
     assert "train" in done.stdout
 
 
+BASE = "FROM nvcr.io/nvidia/pytorch:25.12-py3"
+MCORE = 'pip install --no-cache-dir --no-deps "megatron-core==0.19.2"'
 BROKEN = [
-    ("FROM nvcr.io/nvidia/pytorch:25.01-py3", "FROM nvcr.io/nvidia/pytorch:latest", "tag"),
-    ("FROM nvcr.io/nvidia/pytorch:25.01-py3", "FROM python:3.11", "not nvcr.io"),
+    (BASE, "FROM nvcr.io/nvidia/pytorch:latest", "tag"),
+    (BASE, "FROM python:3.11", "not nvcr.io"),
+    (BASE, "FROM nvcr.io/nvidia/pytorch:26.99-py3", "not recorded in NGC_PYTORCH"),
     ("COPY megatron_stgc ./megatron_stgc", "COPY megatron_stgcx ./megatron_stgc",
      "not in the build context"),
     ("pip install --no-cache-dir --no-deps -e .", "pip install --no-cache-dir --no-deps -e ./x",
      "no RUN line"),
-    ('"megatron-core==0.16.1"', '"megatron-core>=0.16"', "pinned"),
+    ("pip install --no-cache-dir --no-deps -e .", "pip install --no-cache-dir -e .",
+     "pip install . without --no-deps"),
+    ('"megatron-core==0.19.2"', '"megatron-core>=0.16"', "pinned"),
+    ('"megatron-core==0.19.2"', '"megatron-core==0.19.0"', "not pinned to a version CI tests"),
+    (MCORE, 'pip install --no-cache-dir "megatron-core==0.19.2"', "installed without --no-deps"),
     ('CMD ["megatron-stgc", "--help"]', 'CMD ["megatron-stgcc", "--help"]', "entry point"),
 ]
 
@@ -233,3 +298,17 @@ def test_the_checks_catch_an_ignored_source_and_a_late_copy():
     late = text.replace("COPY megatron_stgc ./megatron_stgc\n", "") + \
         "\nCOPY megatron_stgc ./megatron_stgc\n"
     assert any("runs before COPY" in p for p in problems(late, ignore_patterns()))
+
+
+def test_the_checks_catch_the_ngc_torch_replacement():
+    """NGC 25.01's torch 2.6.0a0 does not satisfy megatron-core's torch>=2.6.0: installing
+    megatron-core 0.16.1 with its dependencies there replaces the image's torch."""
+    text = _dockerfile().replace(BASE, "FROM nvcr.io/nvidia/pytorch:25.01-py3").replace(
+        MCORE, 'pip install --no-cache-dir "megatron-core==0.16.1"')
+    found = problems(text, ignore_patterns())
+    assert any("pip would replace the image's torch" in p for p in found), found
+
+
+def test_the_checks_catch_a_megatron_core_the_image_python_cannot_run():
+    found = _megatron_core_fits_image("0.19.2", {"python": "3.10", "torch": "2.9.0"}, True)
+    assert any("needs Python >=3.12" in p for p in found), found

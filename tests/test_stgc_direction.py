@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_stgc.stgc.metrics import collect_stgc_metrics
-from megatron_stgc.stgc.two_pass import set_consistency_collection
+from megatron_stgc.stgc.attached import set_consistency_collection
 from stgc_utils import STGCConfig, build_stgc_layer, init_single_process, moe_config
 
 HIDDEN, TOKENS = 16, 256
@@ -60,7 +60,7 @@ def _router_trainer(seed):
 
     def consistency():
         router_grad(1.0)
-        return collect_stgc_metrics(layer, 1)["stgc/gradient_consistency"]
+        return collect_stgc_metrics(layer, 1, device="cpu")["stgc/gradient_consistency"]
 
     return token_loss_step, consistency
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from megatron_stgc.stgc import math as stgc_math
-from megatron_stgc.stgc.math import LinearGrads
+from megatron_stgc.stgc import conflict_math
+from megatron_stgc.stgc.conflict_math import LinearGrads
 
 
 def _random_linears(gen, rows=40, bias=(True, False)):
@@ -31,7 +31,7 @@ def test_rank_one_cosines_equal_explicit_per_token_gradients():
     grads = _explicit_token_grads(linears)
     mean = grads.mean(0)
     expected = grads @ mean / (grads.norm(dim=1) * mean.norm())
-    got = stgc_math.expert_token_cosines(linears)
+    got = conflict_math.expert_token_cosines(linears)
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
@@ -40,20 +40,20 @@ def test_zero_gradient_tokens_are_not_judged():
     linears = _random_linears(gen)
     for lin in linears:
         lin.output_grads[3] = 0
-    cos = stgc_math.expert_token_cosines(linears)
+    cos = conflict_math.expert_token_cosines(linears)
     assert torch.isnan(cos[3]) and not torch.isnan(cos[torch.arange(40) != 3]).any()
-    assert not stgc_math.conflict_mask(cos, 0.0)[3]
+    assert not conflict_math.conflict_mask(cos, 0.0)[3]
 
 
 def test_lowrank_estimator_is_exact_at_full_rank_and_close_at_low_rank():
     gen = torch.Generator().manual_seed(2)
     lin = _random_linears(gen, bias=(False, False))[0]
-    g_w = stgc_math.weight_grad_sum(lin)
-    exact = stgc_math.token_grad_dots(lin, g_w, None)
-    full = stgc_math.lowrank_basis(g_w, rank=10, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(stgc_math.token_grad_dots_lowrank(lin, g_w, None, full), exact, atol=1e-4)
-    low = stgc_math.lowrank_basis(g_w, rank=2, generator=torch.Generator().manual_seed(0))
-    approx = stgc_math.token_grad_dots_lowrank(lin, g_w, None, low)
+    g_w = conflict_math.weight_grad_sum(lin)
+    exact = conflict_math.token_grad_dots(lin, g_w, None)
+    full = conflict_math.lowrank_basis(g_w, rank=10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(conflict_math.token_grad_dots_lowrank(lin, g_w, None, full), exact, atol=1e-4)
+    low = conflict_math.lowrank_basis(g_w, rank=2, generator=torch.Generator().manual_seed(0))
+    approx = conflict_math.token_grad_dots_lowrank(lin, g_w, None, low)
     assert not torch.allclose(approx, exact, atol=1e-4)  # rank 2 of 6 is an approximation
     assert torch.corrcoef(torch.stack([approx, exact]))[0, 1] > 0.5
 
@@ -68,11 +68,11 @@ def test_gradient_consistency_is_mean_cosine_between_distinct_tokens():
     inv = 1.0 / grads.norm(dim=1).float()
     total = 0.0
     for lin in linears:
-        total = total + stgc_math.normalized_grad_sum_weight(lin, inv).square().sum()
-        s_b = stgc_math.normalized_grad_sum_bias(lin, inv)
+        total = total + conflict_math.normalized_grad_sum_weight(lin, inv).square().sum()
+        s_b = conflict_math.normalized_grad_sum_bias(lin, inv)
         if s_b is not None:
             total = total + s_b.square().sum()
-    got = stgc_math.gradient_consistency(total, torch.tensor(40.0))
+    got = conflict_math.gradient_consistency(total, torch.tensor(40.0))
     assert abs(float(got) - float(expected)) < 1e-5
 
 
@@ -81,11 +81,11 @@ def test_conflict_loss_matches_equation_with_sign_fixed():
     logits = torch.randn(6, 4, generator=gen)
     conflicts = torch.zeros(6, 4, dtype=torch.bool)
     conflicts[0, 1] = conflicts[2, 3] = conflicts[2, 0] = True
-    loss = stgc_math.conflict_elimination_loss(logits, conflicts, normalizer=3)
+    loss = conflict_math.conflict_elimination_loss(logits, conflicts, normalizer=3)
     inverted = torch.softmax(-logits, dim=-1)
     expected = -(inverted[0, 1].log() + inverted[2, 3].log() + inverted[2, 0].log()) / (3 * 4)
     assert torch.allclose(loss, expected)
-    assert stgc_math.conflict_elimination_loss(logits, conflicts & False, normalizer=0) == 0
+    assert conflict_math.conflict_elimination_loss(logits, conflicts & False, normalizer=0) == 0
 
 
 def test_minimising_conflict_loss_lowers_assigned_expert_score():
@@ -95,7 +95,7 @@ def test_minimising_conflict_loss_lowers_assigned_expert_score():
     assigned = torch.randint(0, 4, (32,), generator=gen)
     conflicts = torch.nn.functional.one_hot(assigned, 4).bool()
     before = torch.softmax(logits, -1)[conflicts].detach()
-    loss = stgc_math.conflict_elimination_loss(logits, conflicts, normalizer=32)
+    loss = conflict_math.conflict_elimination_loss(logits, conflicts, normalizer=32)
     (grad,) = torch.autograd.grad(loss, logits)
     assert (grad[conflicts] > 0).all()  # descent lowers every assigned logit
     assert (grad[~conflicts] < 0).all()  # and raises the others

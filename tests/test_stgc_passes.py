@@ -3,7 +3,7 @@
 import torch
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import build_module
+from megatron_stgc.mcore_compat import build_moe_layer
 
 from megatron_stgc.stgc.record import APPLY, IDENTIFY
 from megatron_stgc.stgc.two_pass import stgc_mode, two_pass_forward_backward, zero_module_grads
@@ -34,8 +34,8 @@ def test_beta_zero_gives_stock_megatron_gradients():
     init_single_process()
     config = moe_config(moe_aux_loss_coeff=0.01, gated_linear_unit=True)
     stgc = build_stgc_layer(config, STGCConfig(enabled=True, beta=0.0))
-    stock = build_module(get_moe_module_spec(use_te=False, num_experts=4), config=config,
-                         layer_number=1)
+    stock = build_moe_layer(get_moe_module_spec(use_te=False, num_experts=4), config,
+                            layer_number=1)
     stock.load_state_dict(stgc.state_dict())
     stock.train()
     hidden, weights = _batch(0)
@@ -76,8 +76,8 @@ def test_identify_pass_changes_no_gradient():
     init_single_process()
     config = moe_config()
     layer = build_stgc_layer(config, STGCConfig(enabled=True))
-    stock = build_module(get_moe_module_spec(use_te=False, num_experts=4), config=config,
-                         layer_number=1)
+    stock = build_moe_layer(get_moe_module_spec(use_te=False, num_experts=4), config,
+                            layer_number=1)
     stock.load_state_dict(layer.state_dict())
     hidden, weights = _batch(3)
     with stgc_mode(layer, IDENTIFY):

@@ -19,7 +19,8 @@ def _config(mode: str, **overrides):
 
 
 def _train(rank, world_size, mode, stgc_layers_flag):
-    from megatron_stgc.stgc.two_pass import stgc_layers, two_pass_train_step
+    from megatron_stgc.stgc.attached import stgc_layers
+    from megatron_stgc.stgc.two_pass import two_pass_train_step
     from megatron_stgc.training.step import train_step
 
     config = _config(mode, stgc_layers=stgc_layers_flag)
@@ -87,6 +88,37 @@ def test_main_job_with_stgc_trains_and_logs_stgc_metrics(tmp_path):
     for record in steps:
         assert 0.0 < record["stgc/conflict_fraction"] < 1.0
         assert record["stgc/token_loss"] > 0
+        # next to megatron's own MoE metrics, through this megatron-core's tracker
+        assert record["moe/stgc_token_loss"] > 0 and "moe/load_balancing_loss" in record
         assert 0.0 < record["stgc/conflict_routing_score"] < 1.0
     with_consistency = [i + 1 for i, r in enumerate(steps) if "stgc/gradient_consistency" in r]
     assert with_consistency == [5, 10, 15]  # --stgc-consistency-interval 5
+
+
+def _router_grads(rank, world_size, beta):
+    """One step of the tiny text GPT MoE (EP=2, 2 micro-batches) built from flags like
+    ``megatron-stgc train --stgc --stgc-beta B``; the router weights' DDP main grads."""
+    from megatron_stgc.training.step import train_step
+
+    config = _config("single-pass", stgc_beta=beta)
+    objects = build_tiny(config)
+    batches = rank_micro_batches(synthetic_global_batch(GLOBAL_BATCH, SEQ, seed=0),
+                                 config.training.micro_batch_size)
+    result = train_step(objects.model, optimizer=objects.optimizer, scheduler=objects.scheduler,
+                        data_iterator=iter(batches), num_microbatches=len(batches),
+                        micro_batch_size=config.training.micro_batch_size, seq_length=SEQ)
+    grads = named_global_tensors(objects.model[0], "grad")
+    return {"loss": [float(m["lm_loss"][0] / m["lm_loss"][1]) for m in result.losses],
+            "router": {n: g for n, g in grads.items() if n.endswith("router.weight")}}
+
+
+def test_stgc_changes_the_router_gradients_of_the_text_job():
+    """--stgc (beta 1) vs --stgc --stgc-beta 0 on the same weights and batch: the same forward,
+    different router gradients on every MoE layer (with STGC silently off they are equal)."""
+    on = run_on_ranks(_router_grads, 2, 1.0)
+    off = run_on_ranks(_router_grads, 2, 0.0)
+    for rank in range(2):
+        assert on[rank]["loss"] == off[rank]["loss"]
+        assert len(on[rank]["router"]) == 2  # both decoder layers are MoE layers
+        for name, grad in on[rank]["router"].items():
+            assert (grad - off[rank]["router"][name]).abs().max() > 1e-6, name

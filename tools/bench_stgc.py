@@ -143,7 +143,7 @@ def _step(objects, variant, batch, args):
 def _estimator_agreement(built, variant, batch, args):
     """Same weights, same batch: share of judged pairs whose flag the estimator reproduces."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_stgc.stgc.two_pass import stgc_layers
+    from megatron_stgc.stgc.attached import stgc_layers
     from megatron_stgc.training.forward import gpt_forward_step
 
     exact, estimate = built["single-pass"], built[variant]

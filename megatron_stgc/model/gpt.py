@@ -106,4 +106,25 @@ def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
         rotary_base=config.model.rotary_base,
     )
     install_expert_bias_fix(model)
+    if config.stgc.enabled:
+        check_stgc_attached(model)
     return model
+
+
+def stgc_layer_indices(model) -> list[int]:
+    """0-based decoder layers of ``model`` that carry STGC."""
+    from megatron_stgc.stgc.attached import stgc_layers
+
+    return sorted(layer.layer_number - 1 for layer in stgc_layers(model))
+
+
+def check_stgc_attached(model) -> None:
+    """--stgc must have reached a layer of the built model (whatever megatron-core did with
+    the spec); anything else is an error, never a silent run without STGC."""
+    if not stgc_layer_indices(model):
+        from megatron_stgc.mcore_compat import UnsupportedMegatronCore, version_note
+
+        raise UnsupportedMegatronCore(
+            f"--stgc: the STGC layer spec was handed to megatron-core, but the built model has "
+            f"no STGC layer ({version_note()})"
+        )

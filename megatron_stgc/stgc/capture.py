@@ -9,16 +9,24 @@ captures of one forward live in one ``ExpertCapture`` owned by that forward's
 
 Works for megatron-core's SequentialMLP (one MLP per local expert) and
 TEGroupedMLP (one grouped linear for all local experts, rows split per expert).
+Under FP8 megatron pads each expert's rows (zeros, appended) to a multiple of 16
+before its linears; only the first ``tokens_per_expert[e]`` rows of expert e's
+captures are tokens, the rest are dropped.
+
+Memory: the expert side reads a capture once, in backward, then
+``ExpertCapture.close`` drops every captured tensor; nothing here holds a capture
+after that (the backward bookkeeping keeps only a weak reference).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from megatron_stgc.stgc.math import LinearGrads
+from megatron_stgc.stgc.conflict_math import LinearGrads
 
 LINEAR_NAMES = ("linear_fc1", "linear_fc2")
 
@@ -43,6 +51,11 @@ class ExpertCapture:
 
     def tap(self, slot: int, name: str) -> LinearTap:
         return self.taps.setdefault((slot, name), LinearTap())
+
+    def close(self) -> None:
+        """Drop every captured tensor; later backward hooks of this forward record nothing."""
+        self.closed = True
+        self.taps.clear()
 
     def per_expert_linears(
         self,
@@ -76,7 +89,8 @@ class ExpertCapture:
     def _rows_of(self, expert: int, name: str, tokens_per_expert: list[int]):
         if (expert, name) in self.taps:  # one module per expert (SequentialMLP)
             tap = self.taps[(expert, name)]
-            return tap.inputs, self._grads(tap, name)
+            rows = slice(0, tokens_per_expert[expert])  # drop quantization padding
+            return tap.inputs[rows], self._grads(tap, name)[rows]
         tap = self.taps.get((-1, name))  # one grouped module (TEGroupedMLP)
         if tap is None:
             raise RuntimeError(f"STGC: no capture for expert {expert} {name}; hooks not attached?")
@@ -135,21 +149,27 @@ def attach_capture_hooks(
 
 
 class _BackwardCapture:
-    """Which capture the expert backward in progress belongs to (one at a time)."""
+    """Which capture the expert backward in progress belongs to (one at a time).
+
+    Holds it weakly: once the expert side has closed and dropped a capture, nothing
+    here keeps its tensors alive until the next backward.
+    """
 
     def __init__(self):
-        self.capture: ExpertCapture | None = None
+        self._capture = lambda: None
 
     def output_grad_hook(self, capture: ExpertCapture, tap: LinearTap):
         def keep(grad):
-            self.capture = capture
+            if capture.closed:
+                return
+            self._capture = weakref.ref(capture)
             tap.output_grads = grad.detach()
 
         return keep
 
     def param_hook(self, slot: int, name: str, attr: str):
         def keep(grad):
-            capture = self.capture
+            capture = self._capture()
             if capture is not None and not capture.closed and (slot, name) in capture.taps:
                 setattr(capture.taps[(slot, name)], attr, grad.detach())
 

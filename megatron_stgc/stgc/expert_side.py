@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_stgc.stgc import math as stgc_math
-from megatron_stgc.stgc.math import LinearGrads
+from megatron_stgc.stgc import conflict_math
+from megatron_stgc.stgc.conflict_math import LinearGrads
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
 def _global_weight_grads(experts: list[list[LinearGrads]], expert_dp_group):
     """[(G_W, G_b)] per expert per linear, summed over expert-DP replicas (one all-reduce)."""
     sums = [
-        (stgc_math.weight_grad_sum(lin), stgc_math.bias_grad_sum(lin))
+        (conflict_math.weight_grad_sum(lin), conflict_math.bias_grad_sum(lin))
         for linears in experts
         for lin in linears
     ]
@@ -57,19 +57,19 @@ def _global_weight_grads(experts: list[list[LinearGrads]], expert_dp_group):
 
 
 def _row_stats(linears, grads, estimator: str, rank: int, generator):
-    sq_norms = sum(stgc_math.token_grad_sq_norms(lin) for lin in linears)
+    sq_norms = sum(conflict_math.token_grad_sq_norms(lin) for lin in linears)
     dots = torch.zeros_like(sq_norms)
     for lin, (g_w, g_b) in zip(linears, grads):
         if estimator == "lowrank":
-            basis = stgc_math.lowrank_basis(g_w, rank, generator)
-            dots = dots + stgc_math.token_grad_dots_lowrank(lin, g_w, g_b, basis)
+            basis = conflict_math.lowrank_basis(g_w, rank, generator)
+            dots = dots + conflict_math.token_grad_dots_lowrank(lin, g_w, g_b, basis)
         else:
-            dots = dots + stgc_math.token_grad_dots(lin, g_w, g_b)
+            dots = dots + conflict_math.token_grad_dots(lin, g_w, g_b)
     return sq_norms, dots
 
 
 def _mean_sq_norm(grads) -> torch.Tensor:
-    total = torch.zeros(())
+    total = torch.zeros((), device=grads[0][0].device)
     for g_w, g_b in grads:
         total = total + g_w.square().sum()
         if g_b is not None:
@@ -80,8 +80,8 @@ def _mean_sq_norm(grads) -> torch.Tensor:
 def _consistency(linears, inv_norms: torch.Tensor, expert_dp_group) -> torch.Tensor:
     pieces = []
     for lin in linears:
-        pieces.append(stgc_math.normalized_grad_sum_weight(lin, inv_norms).reshape(-1))
-        s_b = stgc_math.normalized_grad_sum_bias(lin, inv_norms)
+        pieces.append(conflict_math.normalized_grad_sum_weight(lin, inv_norms).reshape(-1))
+        s_b = conflict_math.normalized_grad_sum_bias(lin, inv_norms)
         if s_b is not None:
             pieces.append(s_b)
     normalized_sum = _all_reduce(torch.cat(pieces), expert_dp_group)
@@ -110,7 +110,7 @@ def expert_row_cosines(
     for linears, expert_grads in zip(experts, grads):
         sq_norms, dots = _row_stats(linears, expert_grads, estimator, rank, generator)
         mean_sq = _mean_sq_norm(expert_grads)
-        row_cos.append(stgc_math.cosines_from_stats(sq_norms, dots, mean_sq))
+        row_cos.append(conflict_math.cosines_from_stats(sq_norms, dots, mean_sq))
         counts.append((sq_norms > 0).sum())
         if with_consistency:
             norms = sq_norms.sqrt()
@@ -121,5 +121,5 @@ def expert_row_cosines(
     num_tokens = _all_reduce(torch.stack(counts).float(), expert_dp_group) if counts else None
     result = ExpertResult(cos, num_tokens, None)
     if with_consistency and consistency:
-        result.consistency = stgc_math.gradient_consistency(torch.stack(consistency), num_tokens)
+        result.consistency = conflict_math.gradient_consistency(torch.stack(consistency), num_tokens)
     return result

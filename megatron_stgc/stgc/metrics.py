@@ -19,10 +19,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron_stgc.stgc.record import MetricSums
-from megatron_stgc.stgc.two_pass import stgc_layers
+from megatron_stgc.stgc.attached import stgc_layers
+from megatron_stgc.stgc.record import METRIC_SUM_NAMES
 
-_COLUMNS = ("present",) + tuple(MetricSums.__dataclass_fields__)
+_COLUMNS = ("present",) + METRIC_SUM_NAMES
 
 
 def _ratio(num: float, den: float) -> float:
@@ -40,22 +40,23 @@ def _layer_values(row: dict) -> dict[str, float]:
     }
 
 
-def collect_stgc_metrics(model, num_layers: int, group=None) -> dict[str, float]:
+def collect_stgc_metrics(model, num_layers: int, device, group=None) -> dict[str, float]:
     """Reduce and reset every STGC layer's running sums; same result on every rank.
 
     A collective over ``group`` (default: world): every rank must call it together.
+    device: where the reduction happens (the collective's device: CUDA under NCCL).
+    The one host copy of STGC's metrics per logged step happens here.
     """
-    table = torch.zeros(num_layers, len(_COLUMNS), dtype=torch.float64)
+    table = torch.zeros(num_layers, len(_COLUMNS), dtype=torch.float64, device=device)
     for layer in stgc_layers(model):
-        sums = layer.stgc.sums
-        row = [1.0] + [getattr(sums, name) for name in _COLUMNS[1:]]
-        table[layer.stgc.layer_number - 1] += torch.tensor(row, dtype=torch.float64)
-        layer.stgc.sums = MetricSums()
+        row = table[layer.stgc.layer_number - 1]
+        row[0] += 1.0
+        row[1:] += layer.stgc.sums.take(device)
     if dist.is_initialized():
         dist.all_reduce(table, group=group)
     metrics, per_name = {}, {}
-    for index in range(num_layers):
-        row = dict(zip(_COLUMNS, table[index].tolist()))
+    for index, values in enumerate(table.cpu().tolist()):
+        row = dict(zip(_COLUMNS, values))
         if row["present"] == 0 or row["backward_count"] == 0:
             continue
         for name, value in _layer_values(row).items():

@@ -45,25 +45,63 @@ class STGCReport:
 class ConflictRecord:
     mode: str
     capture: ExpertCapture = field(default_factory=ExpertCapture)
-    route: object | None = None  # return_route.AllToAllRoute | AllGatherRoute
+    return_route: object | None = None  # return_route.AllToAllRoute | AllGatherRoute
     tokens_per_expert: list[int] | None = None
     row_probs: torch.Tensor | None = None  # [R] probs of the dispatched rows
     routing_map: torch.Tensor | None = None  # [T, E] router side
     cos_map: torch.Tensor | None = None  # [T, E] router side, set by the experts' backward
     preset_conflicts: torch.Tensor | None = None  # two-pass: pass 1's conflicts
 
+    def release_capture(self) -> None:
+        """Drop the expert captures (called once the expert side has read them)."""
+        if self.capture is not None:
+            self.capture.close()
+        self.capture = None
 
-@dataclass
+
+METRIC_SUM_NAMES = (
+    "token_loss", "judged_pairs", "conflicting_pairs", "conflict_score_sum",
+    "consistency_sum", "consistency_count", "backward_count",
+)
+
+
 class MetricSums:
-    """Running sums since the last collect; reduced over ranks by metrics.collect_stgc_metrics."""
+    """Running sums since the last collect, on the device they were computed on.
 
-    token_loss: float = 0.0
-    conflicting_pairs: float = 0.0
-    judged_pairs: float = 0.0
-    conflict_score_sum: float = 0.0
-    consistency_sum: float = 0.0
-    consistency_count: float = 0.0
-    backward_count: float = 0.0
+    Adding never copies to the host (no sync in backward); metrics.collect_stgc_metrics
+    takes them once per logged step and reduces them over ranks.
+    """
+
+    def __init__(self):
+        self.values: torch.Tensor | None = None  # [len(METRIC_SUM_NAMES)] float64
+
+    def _add(self, **named: torch.Tensor) -> None:
+        device = next(iter(named.values())).device
+        if self.values is None:
+            self.values = torch.zeros(len(METRIC_SUM_NAMES), dtype=torch.float64, device=device)
+        for name, value in named.items():
+            index = METRIC_SUM_NAMES.index(name)
+            self.values[index] += value.detach().to(self.values.device, torch.float64)
+
+    def add_backward(self, token_loss, judged_pairs, conflicting_pairs, conflict_score_sum):
+        """One backward's global (already all-reduced) totals, 0-d tensors."""
+        self._add(token_loss=token_loss, judged_pairs=judged_pairs,
+                  conflicting_pairs=conflicting_pairs, conflict_score_sum=conflict_score_sum,
+                  backward_count=torch.ones((), device=token_loss.device))
+
+    def add_consistency(self, consistency: torch.Tensor) -> None:
+        """Per-expert gradient consistency [local_E], NaN for experts with < 2 tokens."""
+        defined = ~torch.isnan(consistency)
+        self._add(consistency_sum=torch.where(defined, consistency, 0.0).sum(),
+                  consistency_count=defined.sum())
+
+    def take(self, device) -> torch.Tensor:
+        """The sums as a [len(METRIC_SUM_NAMES)] float64 tensor on ``device``; then reset."""
+        values = self.values
+        self.values = None
+        if values is None:
+            return torch.zeros(len(METRIC_SUM_NAMES), dtype=torch.float64, device=device)
+        return values.to(device)
 
 
 @dataclass

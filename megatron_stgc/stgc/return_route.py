@@ -128,7 +128,7 @@ class AllGatherRoute:
         return total
 
 
-def snapshot_route(dispatcher):
+def snapshot_return_route(dispatcher):
     """The return route for the dispatcher type megatron-core built."""
     if isinstance(dispatcher, MoEAlltoAllTokenDispatcher):
         return AllToAllRoute.snapshot(dispatcher)

@@ -10,21 +10,12 @@ conflicts. The parameter gradients equal single-pass's (same routing, same flags
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from megatron_stgc.stgc.layer import STGCMoELayer
+from megatron_stgc.stgc.attached import stgc_layers
 from megatron_stgc.stgc.record import APPLY, IDENTIFY, SINGLE_PASS
-
-
-def stgc_layers(model) -> Iterator[STGCMoELayer]:
-    """Every STGCMoELayer in a module or a list of model chunks."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
-        for module in chunk.modules():
-            if isinstance(module, STGCMoELayer):
-                yield module
 
 
 @contextmanager
@@ -75,12 +66,6 @@ def two_pass_forward_backward(
         zero_grads()
 
     return _identify_then_apply(model, identify, forward_backward)
-
-
-def set_consistency_collection(model, enabled: bool) -> None:
-    """Compute gradient consistency (one extra GEMM per expert linear) in the next backwards."""
-    for layer in stgc_layers(model):
-        layer.stgc.collect_consistency = enabled
 
 
 def zero_module_grads(model) -> None:

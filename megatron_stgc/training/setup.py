@@ -90,6 +90,12 @@ def build_model(config: RunConfig, vocab_size: int,
             raise ValueError("a vision-language model needs the image token id")
         model = build_llava_model(config, model, image_token_id)
     notes = []
+    if config.stgc.enabled:
+        from megatron_stgc.mcore_compat import version_note
+        from megatron_stgc.model.gpt import stgc_layer_indices
+
+        notes.append(f"STGC on decoder layers {stgc_layer_indices(model)} (0-based; "
+                     f"{version_note()})")
     if config.vision.pretrained_checkpoint is not None:
         from megatron_stgc.model.pretrained import load_pretrained
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from megatron_stgc.config import RunConfig
+from megatron_stgc.parallel import collective_device
 from megatron_stgc.stgc.metrics import collect_stgc_metrics
-from megatron_stgc.stgc.two_pass import set_consistency_collection, two_pass_train_step
+from megatron_stgc.stgc.attached import set_consistency_collection
+from megatron_stgc.stgc.two_pass import two_pass_train_step
 from megatron_stgc.training import metrics
 from megatron_stgc.training.setup import TrainingObjects
 from megatron_stgc.training.step import StepResult, train_step
@@ -39,7 +41,8 @@ def register_stgc_metrics(config: RunConfig, objects: TrainingObjects) -> None:
     if config.stgc.enabled:
         metrics.register_metric_source(
             METRIC_SOURCE,
-            lambda: collect_stgc_metrics(objects.model, config.model.num_layers),
+            lambda: collect_stgc_metrics(objects.model, config.model.num_layers,
+                                         device=collective_device()),
         )
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
 from megatron_stgc import parallel
+from megatron_stgc.mcore_compat import report_moe_metrics
 from megatron_stgc.config import RunConfig, validate_run_config
 from megatron_stgc.data.dataset import PackedDataset, build_dataset, micro_batches
 from megatron_stgc.data.tokenizer import Tokenizer
@@ -121,11 +121,9 @@ def moe_aux_losses(config: RunConfig, n_micro: int) -> dict[str, float]:
     """megatron-core's tracked MoE losses (mean over MoE layers and micro-batches)."""
     if config.model.num_experts is None:
         return {}
-    totals: dict[str, torch.Tensor] = {}
-    track_moe_metrics(loss_scale=1.0 / n_micro, iteration=0, total_loss_dict=totals,
-                      num_layers=config.model.num_layers,
-                      moe_layer_freq=config.model.moe_layer_freq)
-    return {f"moe/{name}": float(value) for name, value in totals.items()}
+    totals = report_moe_metrics(loss_scale=1.0 / n_micro, num_layers=config.model.num_layers,
+                                moe_layer_freq=config.model.moe_layer_freq)
+    return {f"moe/{name}": value for name, value in totals.items()}
 
 
 def step_record(config: RunConfig, progress: TrainProgress, result: StepResult,

@@ -100,10 +100,14 @@ def conflict_mask(cos: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def lowrank_basis(g_weight: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
-    """Orthonormal U [out, r] spanning G's dominant column space (one power step)."""
+    """Orthonormal U [out, r] spanning G's dominant column space (one power step).
+
+    generator: a CPU generator (the probe is drawn on the CPU, then moved to G's device).
+    """
     out_dim, in_dim = g_weight.shape
     rank = min(rank, out_dim)
-    probe = torch.randn(in_dim, rank, generator=generator, dtype=g_weight.dtype)
+    # drawn by a CPU generator, then moved: the same probe on every device
+    probe = torch.randn(in_dim, rank, generator=generator, dtype=torch.float32).to(g_weight)
     range_sample = g_weight @ (g_weight.t() @ (g_weight @ probe))  # [out, r]
     basis, _ = torch.linalg.qr(range_sample)
     return basis

@@ -1,0 +1,167 @@
+"""Where the megatron-core releases this package supports differ: the one place that knows.
+
+Supported (each run by CI, see README "megatron-core versions"): 0.16.1, 0.17.1, 0.18.2,
+0.19.2. Everything else in the package reads megatron-core through surfaces that are the
+same in all four; the surfaces below changed shape between them.
+
+| surface                    | 0.16.1, 0.17.1                            | 0.18.2, 0.19.2                                   |
+| -------------------------- | ----------------------------------------- | ------------------------------------------------ |
+| MoE layer spec             | ``ModuleSpec(module=MoELayer, submodules,  | ``functools.partial(MoELayer, submodules=...)``  |
+|                            | params)``                                 |                                                  |
+| building a MoE layer       | ``build_module(spec, config=, layer_number=,| ``spec(config=, pg_collection=, is_mtp_layer=)``  |
+|                            | pg_collection=)``                         | then ``set_layer_number``                        |
+| recording a MoE metric     | ``moe_utils.save_to_aux_losses_tracker``  | ``moe_logging.get_moe_metrics_tracker().record`` |
+| reporting MoE metrics      | ``moe_utils.track_moe_metrics``           | ``get_moe_metrics_tracker().report``             |
+
+(0.18.2 has both trackers; its ``save_to_aux_losses_tracker`` is the deprecated shim.)
+A spec of any other shape is not guessed at: ``moe_spec_parts`` returns None and the
+STGC spec code turns that into ``UnsupportedMegatronCore`` when ``--stgc`` finds no layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import megatron.core
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+TESTED_VERSIONS = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
+VERSION = megatron.core.__version__
+
+
+class UnsupportedMegatronCore(RuntimeError):
+    """megatron-core built something this package does not know how to attach STGC to."""
+
+
+def version_note() -> str:
+    tested = "" if VERSION in TESTED_VERSIONS else " (not a version CI tests)"
+    return f"megatron-core {VERSION}{tested}; tested: {', '.join(TESTED_VERSIONS)}"
+
+
+# -- MoE layer specs ------------------------------------------------------------------
+
+@dataclass
+class MoESpecParts:
+    """A MoE layer spec taken apart: the layer class, its MoESubmodules, its extra kwargs."""
+
+    layer_class: type
+    submodules: Any  # megatron-core MoESubmodules
+    params: dict
+    shape: str  # "module_spec" | "partial"
+
+
+def moe_spec_parts(spec) -> MoESpecParts | None:
+    """The parts of a MoE layer spec, or None when ``spec`` is not one (or of unknown shape)."""
+    if isinstance(spec, ModuleSpec):
+        if isinstance(spec.module, type) and issubclass(spec.module, MoELayer):
+            return MoESpecParts(spec.module, spec.submodules, dict(spec.params or {}),
+                                "module_spec")
+        return None
+    if isinstance(spec, functools.partial):
+        if isinstance(spec.func, type) and issubclass(spec.func, MoELayer) and not spec.args:
+            params = dict(spec.keywords)
+            submodules = params.pop("submodules", None)
+            return MoESpecParts(spec.func, submodules, params, "partial")
+    return None
+
+
+def describe_spec(spec) -> str:
+    """What a spec is, for error messages."""
+    if isinstance(spec, ModuleSpec):
+        return f"ModuleSpec(module={getattr(spec.module, '__name__', spec.module)})"
+    if isinstance(spec, functools.partial):
+        return f"functools.partial({getattr(spec.func, '__name__', spec.func)}, ...)"
+    return type(spec).__name__
+
+
+def rebuild_moe_spec(parts: MoESpecParts, layer_class: type, submodules, **params):
+    """A spec of the same shape as the one ``parts`` came from, with new class/submodules/params."""
+    merged = dict(parts.params, **params)
+    if parts.shape == "module_spec":
+        return ModuleSpec(module=layer_class, submodules=submodules, params=merged)
+    return functools.partial(layer_class, submodules=submodules, **merged)
+
+
+def replace_router(submodules, router_class):
+    """MoESubmodules with ``router`` replaced (a dataclass in every supported version)."""
+    return dataclasses.replace(submodules, router=router_class)
+
+
+def build_moe_layer(spec, config, layer_number: int = 1, pg_collection=None):
+    """Build a MoE layer from its spec the way each version's TransformerLayer does."""
+    parts = moe_spec_parts(spec)
+    if parts is None:
+        raise UnsupportedMegatronCore(f"not a MoE layer spec: {describe_spec(spec)} "
+                                      f"({version_note()})")
+    kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
+    if parts.shape == "module_spec":
+        return build_module(spec, config=config, layer_number=layer_number, **kwargs)
+    layer = spec(config=config, is_mtp_layer=False, **kwargs)
+    layer.set_layer_number(layer_number)
+    return layer
+
+
+# -- megatron-core's MoE metric tracker ----------------------------------------------
+
+def _metrics_tracker():
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # 0.16, 0.17
+        return None
+    return get_moe_metrics_tracker()
+
+
+def record_moe_metric(name: str, value: torch.Tensor, layer_number: int, num_layers: int) -> None:
+    """Add ``value`` (0-d, already the same on every rank) to megatron's tracker for the layer.
+
+    No reduce or average group: megatron only sums over pipeline stages, which hold
+    different layers. The value stays on its device (no host copy).
+    """
+    tracker = _metrics_tracker()
+    if tracker is not None:
+        tracker.record(name, value.detach(), layer_number, num_layers,
+                       reduce_group=None, avg_group=None, needs_dp_avg=False)
+        return
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    save_to_aux_losses_tracker(name, value.detach(), layer_number, num_layers,
+                               reduce_group=None, avg_group=None)
+
+
+def report_moe_metrics(loss_scale: float, num_layers: int, moe_layer_freq) -> dict[str, float]:
+    """megatron's tracked MoE metrics, reduced and averaged over MoE layers, then cleared.
+
+    Collective (megatron all-reduces over the pipeline group and each metric's groups).
+    """
+    totals: dict[str, torch.Tensor] = {}
+    tracker = _metrics_tracker()
+    if tracker is not None:
+        tracker.report(loss_scale=loss_scale, iteration=0, total_loss_dict=totals,
+                       num_layers=num_layers, moe_layer_freq=moe_layer_freq)
+    else:
+        from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+        track_moe_metrics(loss_scale=loss_scale, iteration=0, total_loss_dict=totals,
+                          num_layers=num_layers, moe_layer_freq=moe_layer_freq)
+    return {name: float(value) for name, value in totals.items()}
+
+
+# -- megatron-core's main-loss backward scale -----------------------------------------
+
+def main_loss_backward_scale(device) -> torch.Tensor:
+    """The scale megatron's schedule gives MoE aux losses (0-d, on ``device``, no host sync).
+
+    Set by the forward step of every supported version: loss scale x CP size /
+    micro-batches (1 before the first step). Read from ``MoEAuxLossAutoScaler``.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    if scale is None:
+        return torch.ones((), device=device)
+    return scale.detach().float().reshape(()).to(device)
