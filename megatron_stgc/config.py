@@ -82,6 +82,9 @@ class VisionConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    # tensor parallelism inside each expert; None = megatron-core's default, the TP size
+    # (STGC needs 1: with --stgc and TP > 1 set --expert-tensor-parallel-size 1)
+    expert_tensor_parallel_size: Optional[int] = None
     use_distributed_optimizer: bool = False
 
 
@@ -353,6 +356,23 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     _require(m.ffn_hidden_size % tp == 0,
              f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by "
              f"--tensor-model-parallel-size ({tp})")
+    dp = world_size // tp
+    etp = p.expert_tensor_parallel_size
+    _require(etp is None or etp >= 1, f"--expert-tensor-parallel-size must be >= 1, got {etp}")
+    expert_tp = tp if etp is None else etp
+    if etp is None:
+        _require(dp % ep == 0,
+                 f"--expert-model-parallel-size ({ep}) must divide the data-parallel size "
+                 f"({dp} = world size {world_size} / --tensor-model-parallel-size {tp})")
+    else:
+        _require(world_size % (expert_tp * ep) == 0,
+                 f"--expert-tensor-parallel-size ({expert_tp}) x --expert-model-parallel-size "
+                 f"({ep}) must divide the world size ({world_size})")
+    if config.stgc.enabled:
+        _require(expert_tp == 1,
+                 f"--stgc supports --expert-tensor-parallel-size 1 only; it is {expert_tp}"
+                 + (f" (by default the --tensor-model-parallel-size, {tp}): set "
+                    "--expert-tensor-parallel-size 1" if etp is None else ""))
     if tp > 1 and m.num_experts is not None:
         from megatron_stgc.model.gpt import use_transformer_engine
 
@@ -364,10 +384,6 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
         _require(m.seq_length % tp == 0,
                  f"--seq-length ({m.seq_length}) must be divisible by "
                  f"--tensor-model-parallel-size ({tp}) (sequence parallelism)")
-    dp = world_size // tp
-    _require(dp % ep == 0,
-             f"--expert-model-parallel-size ({ep}) must divide the data-parallel size "
-             f"({dp} = world size {world_size} / --tensor-model-parallel-size {tp})")
 
     if m.num_experts is None:
         _require(ep == 1, f"--expert-model-parallel-size ({ep}) > 1 needs --num-experts")
@@ -393,9 +409,9 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
                      f"--moe-expert-capacity-factor must be > 0, got {m.moe_expert_capacity_factor}")
             _require(m.moe_token_dispatcher_type == "alltoall",
                      "--moe-expert-capacity-factor needs --moe-token-dispatcher-type alltoall")
-        _require(m.moe_ffn_hidden_size % tp == 0,
-                 f"--moe-ffn-hidden-size ({m.moe_ffn_hidden_size}) must be divisible by "
-                 f"--tensor-model-parallel-size ({tp})")
+        _require(m.moe_ffn_hidden_size % expert_tp == 0,
+                 f"--moe-ffn-hidden-size ({m.moe_ffn_hidden_size}) must be divisible by the "
+                 f"expert tensor-parallel size ({expert_tp})")
 
     per_step = t.micro_batch_size * dp
     _require(t.global_batch_size % per_step == 0,

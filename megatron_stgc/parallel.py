@@ -48,12 +48,15 @@ def _free_port() -> int:
 
 
 def initialize_model_parallel(tensor_parallel_size: int, expert_parallel_size: int,
-                              seed: int) -> None:
-    """megatron-core parallel state (PP=1) and the model-parallel RNG tracker."""
+                              seed: int, expert_tensor_parallel_size: int | None = None) -> None:
+    """megatron-core parallel state (PP=1) and the model-parallel RNG tracker.
+
+    expert_tensor_parallel_size: None = megatron's default (the TP size)."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=expert_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

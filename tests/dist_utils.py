@@ -127,7 +127,8 @@ def build_tiny(config: RunConfig, vocab_size: int = TINY_VOCAB):
 
     parallel.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
                                        config.parallel.expert_model_parallel_size,
-                                       config.training.seed)
+                                       config.training.seed,
+                                       config.parallel.expert_tensor_parallel_size)
     seed_everything(config.training.seed)
     return build_model_and_optimizer(config, vocab_size)
 

@@ -76,6 +76,12 @@ BAD_CONFIGS = [
     # default model: 4 layers, MoE every 2nd layer (0 and 2)
     (["--stgc", "--stgc-layers", "1,2"], 1, "--stgc-layers names layers [1]"),
     (["--stgc", "--stgc-layers", "3"], 1, "--stgc-layers names layers [3]"),
+    # expert TP defaults to TP; STGC needs 1
+    (["--stgc", "--tensor-model-parallel-size", "2"], 2,
+     "set --expert-tensor-parallel-size 1"),
+    (["--stgc", "--expert-tensor-parallel-size", "2"], 2, "--expert-tensor-parallel-size 1 only"),
+    (["--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"], 2,
+     "--expert-tensor-parallel-size (2) x --expert-model-parallel-size (2)"),
     (["--fp8-format", "e4m3"], 1, "--fp8-format"),
     (["--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "allgather"], 1,
      "--moe-expert-capacity-factor"),
@@ -103,3 +109,16 @@ def test_cli_rejects_bad_config_before_any_process_group():
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--num-experts (3) must be divisible by --expert-model-parallel-size (2)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_expert_tensor_parallel_size_one_lets_stgc_past_its_check():
+    """--stgc with TP 2 and --expert-tensor-parallel-size 1 passes STGC's check; on a CPU
+    machine the next check (TP > 1 with MoE needs TE) is what stops it."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the TE check may pass")
+    config = parse_run_config(["--stgc", "--tensor-model-parallel-size", "2",
+                               "--expert-tensor-parallel-size", "1"])
+    with pytest.raises(ConfigError, match="needs sequence parallelism"):
+        validate_run_config(config, 2)

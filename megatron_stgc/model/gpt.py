@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -12,28 +14,61 @@ from megatron_stgc.model.expert_bias import install_expert_bias_fix
 from megatron_stgc.model.specs import build_layer_specs
 
 
-def use_transformer_engine(config: RunConfig) -> bool:
-    """TE spec when asked for, else when CUDA is present; the local spec on CPU."""
-    if config.model.use_te is not None:
-        return config.model.use_te
+@dataclass(frozen=True)
+class Hardware:
+    """What the megatron-core flags are chosen for: this machine, or a stated one (the CPU
+    guard tests validate the flags a GPU run would get with ``GPU_WITH_TE``)."""
+
+    cuda: bool
+    transformer_engine: bool
+
+
+GPU_WITH_TE = Hardware(cuda=True, transformer_engine=True)
+
+
+def this_machine() -> Hardware:
     if not torch.cuda.is_available():
-        return False
+        return Hardware(cuda=False, transformer_engine=False)
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
+        return Hardware(cuda=True, transformer_engine=False)
+    return Hardware(cuda=True, transformer_engine=True)
+
+
+def use_transformer_engine(config: RunConfig, hardware: Hardware | None = None) -> bool:
+    """TE spec when asked for, else when CUDA and TE are present; the local spec on CPU."""
+    if config.model.use_te is not None:
+        return config.model.use_te
+    hardware = hardware or this_machine()
+    return hardware.cuda and hardware.transformer_engine
+
+
+def fuse_bias_activation(config: RunConfig, hardware: Hardware) -> bool:
+    """megatron-core's bias+activation fusion, only where both of its rules allow it.
+
+    TransformerConfig rejects it for GELU without bias; MLP.forward raises for any fused
+    activation but SwiGLU / quick-GeGLU when the routing probability scales the tokens
+    (every MoE expert). So: SwiGLU models, or dense GELU models with biases.
+    """
+    m = config.model
+    if not (hardware.cuda and use_transformer_engine(config, hardware)):
         return False
-    return True
+    return m.swiglu or (m.num_experts is None and m.add_bias_linear)
 
 
-def transformer_config_from(config: RunConfig) -> TransformerConfig:
-    """megatron-core TransformerConfig for ``config`` (needs parallel state for TP/EP sizes)."""
+def transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = None) -> dict:
+    """The keyword arguments of megatron-core's TransformerConfig for ``config`` on ``hardware``
+    (default: this machine)."""
     fill_defaults(config)
+    hardware = hardware or this_machine()
     m, p, pr = config.model, config.parallel, config.precision
-    on_gpu = torch.cuda.is_available()
-    use_te = use_transformer_engine(config)
+    on_gpu = hardware.cuda
+    use_te = use_transformer_engine(config, hardware)
+    fused = on_gpu and use_te
     moe = m.num_experts is not None
     params_dtype = torch.bfloat16 if pr.bf16 else torch.float32
-    return TransformerConfig(
+    return dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -50,6 +85,7 @@ def transformer_config_from(config: RunConfig) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         # sequence parallelism needs TE norms (torch LayerNorm rejects it)
         sequence_parallel=p.tensor_model_parallel_size > 1 and use_te,
         # precision: BF16 params, fp32 main grads (DDP grad buffer) and fp32 router
@@ -77,15 +113,20 @@ def transformer_config_from(config: RunConfig) -> TransformerConfig:
         # kernels: fused paths only where CUDA exists
         use_cpu_initialization=not on_gpu,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=on_gpu and use_te,
-        bias_dropout_fusion=on_gpu and use_te,
-        masked_softmax_fusion=on_gpu and use_te,
-        apply_rope_fusion=on_gpu and use_te,
-        persist_layer_norm=on_gpu and use_te,
+        bias_activation_fusion=fuse_bias_activation(config, hardware),
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused,
+        persist_layer_norm=fused,
         recompute_granularity=m.recompute_granularity,
         recompute_method="uniform" if m.recompute_granularity == "full" else None,
         recompute_num_layers=1 if m.recompute_granularity == "full" else None,
     )
+
+
+def transformer_config_from(config: RunConfig, hardware: Hardware | None = None) -> TransformerConfig:
+    """megatron-core TransformerConfig for ``config`` (needs parallel state for TP/EP sizes)."""
+    return TransformerConfig(**transformer_config_kwargs(config, hardware))
 
 
 def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:

@@ -86,16 +86,14 @@ class MoELLaVAModel(MegatronModule):
         """[s, b, h]: word (+position) embeddings with image embeddings at the image tokens."""
         text = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
         is_image = tokens == self.image_token_id  # [b, s]
-        n_positions = int(is_image.sum())
         n_images = 0 if images is None else images.shape[0]
         if n_images == 0:
-            if n_positions:
-                raise ValueError(f"{n_positions} image-token positions but no images in the batch")
+            _require_count(is_image, 0, "{} image-token positions but no images in the batch")
             return text
         features = self.image_embeddings(images)  # [n_img, P, h]
-        if n_positions != features.shape[0] * features.shape[1]:
-            raise ValueError(f"{n_positions} image-token positions for {n_images} images of "
-                             f"{features.shape[1]} embeddings each")
+        _require_count(is_image, features.shape[0] * features.shape[1],
+                       f"{{}} image-token positions for {n_images} images of "
+                       f"{features.shape[1]} embeddings each")
         by_row = text.transpose(0, 1)  # [b, s, h]
         by_row = by_row.masked_scatter(is_image.unsqueeze(-1), features.to(by_row.dtype))
         return by_row.transpose(0, 1).contiguous()
@@ -137,3 +135,15 @@ def build_llava_model(config: RunConfig, language_model: GPTModel,
                          drop_class_token=config.vision.disable_vision_class_token,
                          class_token_len=getattr(vision_model, "class_token_len", 1)
                          if getattr(vision_model, "add_class_token", False) else 0)
+
+
+def _require_count(mask: torch.Tensor, expected: int, message: str) -> None:
+    """``mask.sum() == expected``. On the CPU a ValueError at once; on a GPU a device-side
+    assertion (no host sync in the forward; a mismatch fails the next synchronising call).
+    ``message`` has one ``{}`` for the count."""
+    count = mask.sum()
+    if mask.device.type == "cpu":
+        if int(count) != expected:
+            raise ValueError(message.format(int(count)))
+        return
+    torch._assert_async(count == expected, message.format("the wrong number of"))

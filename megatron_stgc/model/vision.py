@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_stgc.config import RunConfig, fill_defaults
-from megatron_stgc.model.gpt import use_transformer_engine
+from megatron_stgc.model.gpt import Hardware, this_machine, use_transformer_engine
 
 CLASS_TOKEN_LEN = 1  # CLIP prepends one class token; SigLIP has none
 # activation and LayerNorm epsilon of each vision tower (HF CLIP: quick_gelu, 1e-5;
@@ -47,17 +47,26 @@ _TOWERS = {
 }
 
 
-def vision_transformer_config(config: RunConfig) -> TransformerConfig:
-    """The ViT's TransformerConfig: dense, biases everywhere, fp32 or bf16 like the LM."""
+def vision_transformer_config(config: RunConfig, hardware: Hardware | None = None
+                              ) -> TransformerConfig:
+    """The ViT's TransformerConfig: dense, biases everywhere, fp32 or bf16 like the LM.
+
+    hardware: what the flags are chosen for (default: this machine)."""
+    return TransformerConfig(**vision_transformer_config_kwargs(config, hardware))
+
+
+def vision_transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = None) -> dict:
     fill_defaults(config)
+    hardware = hardware or this_machine()
     v, pr = config.vision, config.precision
     if v.vision_model_type not in _TOWERS:
         raise ValueError(f"--vision-model-type must be one of {sorted(_TOWERS)}, "
                          f"got {v.vision_model_type!r}")
     activation, eps = _TOWERS[v.vision_model_type]
-    on_gpu = torch.cuda.is_available()
+    on_gpu = hardware.cuda
+    fused = on_gpu and use_transformer_engine(config, hardware)
     params_dtype = torch.bfloat16 if pr.bf16 else torch.float32
-    return TransformerConfig(
+    return dict(
         num_layers=v.vision_num_layers,
         hidden_size=v.vision_hidden_size,
         ffn_hidden_size=v.vision_ffn_hidden_size,
@@ -80,8 +89,8 @@ def vision_transformer_config(config: RunConfig) -> TransformerConfig:
         use_cpu_initialization=not on_gpu,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,  # megatron fuses only gelu/silu; quick_gelu is not one
-        bias_dropout_fusion=on_gpu and use_transformer_engine(config),
-        masked_softmax_fusion=on_gpu and use_transformer_engine(config),
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
         persist_layer_norm=False,
     )
 

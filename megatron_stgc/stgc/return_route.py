@@ -31,12 +31,16 @@ def pairs_to_map(row_values: torch.Tensor, routing_map: torch.Tensor) -> torch.T
     row_values: [R] one value per routed pair, ordered expert by expert and, within
     an expert, by token index (moe_utils.permute's order).
     routing_map: [T, E] bool.
+    No boolean indexing (it would sync with the host): each routed pair's row is its rank
+    among the routed pairs in expert-major order, a cumulative sum.
     """
-    by_expert = torch.full(
-        routing_map.shape[::-1], float("nan"), dtype=row_values.dtype, device=row_values.device
-    )
-    by_expert[routing_map.t()] = row_values
-    return by_expert.t()
+    routed = routing_map.t().reshape(-1)  # [E*T], expert-major
+    nan = torch.full((), float("nan"), dtype=row_values.dtype, device=row_values.device)
+    if row_values.numel() == 0:
+        return nan.expand(routing_map.shape).clone()
+    row_of_pair = (torch.cumsum(routed.to(torch.long), dim=0) - 1).clamp(min=0)
+    by_expert = torch.where(routed, row_values[row_of_pair], nan)
+    return by_expert.view(routing_map.shape[1], routing_map.shape[0]).t()
 
 
 @dataclass

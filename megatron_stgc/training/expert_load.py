@@ -75,10 +75,16 @@ class ExpertLoadCounter:
 
     def _count_by_modality(self, layer: int, routing_map: torch.Tensor,
                            modality: torch.Tensor) -> None:
-        """routing_map: [tokens, experts] bool; modality: [tokens] (megatron's s*b order)."""
-        routed = routing_map.reshape(-1, routing_map.shape[-1]).to(torch.long)
-        modality = modality.to(routed.device)
-        rows = torch.stack([routed[modality == code].sum(dim=0) for code in MODALITY_CODES])
+        """routing_map: [tokens, experts] bool; modality: [tokens] (megatron's s*b order).
+
+        One matmul of the modality one-hot [tokens, modalities] with the routing map, in
+        float64 (exact counts; integer matmul is not on the GPU), no boolean indexing (no
+        host sync)."""
+        routed = routing_map.reshape(-1, routing_map.shape[-1]).to(torch.float64)
+        modality = modality.to(routed.device).reshape(-1)
+        codes = torch.tensor(MODALITY_CODES, device=routed.device)
+        one_hot = (modality[:, None] == codes[None, :]).to(torch.float64)  # [tokens, modalities]
+        rows = (one_hot.t() @ routed).round().to(torch.long)  # [modalities, experts]
         _accumulate(self.modality_counts, layer, rows)
 
     def collect(self) -> dict[str, list[int]]:

@@ -61,8 +61,9 @@ class NonFiniteGuard:
     def gradients_finite(self) -> bool:
         """True when no rank holds a NaN/inf gradient (collective over the world)."""
         bad = any(not bool(torch.isfinite(grad).all()) for grad in self._grad_buffers())
-        flag = torch.tensor([1.0 if bad else 0.0],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+        from megatron_stgc.parallel import collective_device
+
+        flag = torch.tensor([1.0 if bad else 0.0], device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0

@@ -226,7 +226,8 @@ def build_run(config: RunConfig) -> tuple[Any, Tokenizer, TrainingObjects]:
     for ``config``; call after ``parallel.initialize_distributed`` (train, eval, export)."""
     parallel.initialize_model_parallel(config.parallel.tensor_model_parallel_size,
                                        config.parallel.expert_model_parallel_size,
-                                       config.training.seed)
+                                       config.training.seed,
+                                       config.parallel.expert_tensor_parallel_size)
     seed_everything(config.training.seed)
     dataset, tokenizer = prepare_data(config)
     objects = build_model_and_optimizer(config, model_vocab_size(config, tokenizer, dataset),
