@@ -96,6 +96,13 @@ def test_eval_answers_every_question_and_scores(trained):
     assert "image_tag_without_image" in lines[-1]["metadata"]["error"]
     assert set(scores["per_category"]) == {"digit", "even", "greater_than_four", "plus_one",
                                            "text"}
+    # FP8's padding of every decoding step to a multiple of 16 tokens changes no answer
+    padded = root / "answers_padded.jsonl"
+    run_job(torchrun("eval", trained["flags"] + [
+        "--question-file", str(question_file), "--answers-file", str(padded),
+        "--eval-pad-to-multiple", "16"]), str(root / "eval_padded.out"), timeout=300)
+    padded_lines = [json.loads(line) for line in padded.read_text().splitlines()]
+    assert [line["text"] for line in padded_lines] == [line["text"] for line in lines]
 
 
 def test_export_gathers_every_expert_into_one_pretrained_checkpoint(trained):

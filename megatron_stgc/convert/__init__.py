@@ -10,9 +10,9 @@ of the megatron module with the local (non Transformer Engine) spec; each
 also has a ``*_flags`` function that gives the run-config flags the megatron
 module must be built with. ``_extra_state`` entries (megatron's per-linear
 FP8 metadata, ``None`` here) are not produced: load with ``load_converted``,
-which checks that every real parameter was assigned. ``to_te_layout`` renames
-the norms for the Transformer Engine spec, whose fused LayerNorm+linear
-modules own the layer norms.
+which checks that every real parameter was assigned. ``to_te_layout``
+(convert/layouts.py) renames the norms for the Transformer Engine spec, whose fused
+LayerNorm+linear modules own the layer norms; loading detects the layout anyway.
 
 Shared layout rule (``fuse_qkv``): megatron's ``linear_qkv`` stacks, for each
 query group g (= K/V head g), that group's query heads, then its key head,
@@ -27,12 +27,13 @@ flags (flat YAML, usable with ``--config``).
 from __future__ import annotations
 
 import os
-import re
 from typing import Callable, Optional
 
 import torch
 import yaml
 
+
+from megatron_stgc.convert.layouts import to_te_layout  # noqa: F401  (re-exported)
 
 VOCAB_MULTIPLE = 128  # default vocab padding, as megatron pads for TP=1
 
@@ -78,25 +79,6 @@ def load_converted(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
     if missing or unexpected:
         raise ConversionError(f"converted weights do not match {type(module).__name__}: "
                               f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-
-
-_LAYER_NORM = re.compile(r"^(.*layers\.\d+\.)(input_layernorm|pre_mlp_layernorm)\.(weight|bias)$")
-
-
-def to_te_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Local-spec keys -> Transformer Engine spec keys (dense layers: norms fused into linears).
-
-    layers.i.input_layernorm.w   -> layers.i.self_attention.linear_qkv.layer_norm_w
-    layers.i.pre_mlp_layernorm.w -> layers.i.mlp.linear_fc1.layer_norm_w
-    """
-    owner = {"input_layernorm": "self_attention.linear_qkv", "pre_mlp_layernorm": "mlp.linear_fc1"}
-    out = {}
-    for key, value in state.items():
-        match = _LAYER_NORM.match(key)
-        if match:
-            key = f"{match.group(1)}{owner[match.group(2)]}.layer_norm_{match.group(3)}"
-        out[key] = value
-    return out
 
 
 def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[str] = None,

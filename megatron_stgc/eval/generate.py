@@ -35,6 +35,9 @@ class EvalOptions:
     eval_batch_size: int = 16
     model_id: str = "megatron-stgc"
     results_file: Optional[str] = None  # scores as JSON
+    # pad each decoding step's sequence length to a multiple of this (None: 16 with
+    # --fp8-format, whose Transformer Engine GEMMs need it, else 1)
+    eval_pad_to_multiple: Optional[int] = None
 
 
 def add_eval_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +50,20 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--model-id", default="megatron-stgc")
     parser.add_argument("--results-file", default=None, help="write the scores as JSON")
+    parser.add_argument("--eval-pad-to-multiple", type=int, default=None,
+                        help="pad every decoding step's sequence length to a multiple of N "
+                             "(default: 16 with --fp8-format, else 1); answers do not change")
+
+
+def eval_pad_multiple(config: RunConfig, options: EvalOptions) -> int:
+    if options.eval_pad_to_multiple is not None:
+        if options.eval_pad_to_multiple < 1:
+            from megatron_stgc.config import ConfigError
+
+            raise ConfigError(f"--eval-pad-to-multiple must be >= 1, got "
+                              f"{options.eval_pad_to_multiple}")
+        return options.eval_pad_to_multiple
+    return 16 if config.precision.fp8_format else 1
 
 
 def read_questions(path: str) -> list[dict]:
@@ -70,7 +87,7 @@ class GreedyDecoder:
 
     def __init__(self, model, tokenizer, image_loader, image_root: Optional[str],
                  image_token_id: Optional[int], num_image_tokens: int, max_new_tokens: int,
-                 max_length: int):
+                 max_length: int, pad_to_multiple: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.image_loader = image_loader
@@ -79,6 +96,9 @@ class GreedyDecoder:
         self.num_image_tokens = num_image_tokens
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length  # --seq-length: prompt + answer never exceed it
+        # FP8 (Transformer Engine) needs token counts that are multiples of 8/16; padding at
+        # the end of a causal sequence does not change the logits of the positions before it
+        self.pad_to_multiple = pad_to_multiple
 
     def prompt(self, question: dict) -> list[int]:
         from megatron_stgc.data.conversation import prompt_tokens
@@ -120,11 +140,14 @@ class GreedyDecoder:
 
     def _step_logits(self, sequences: list[list[int]], images) -> torch.Tensor:
         """Logits at every row's last position: [b, vocab]."""
-        width = max(len(s) for s in sequences)
+        width = math.ceil(max(len(s) for s in sequences) / self.pad_to_multiple)
+        width *= self.pad_to_multiple
         tokens = torch.full((len(sequences), width), self.tokenizer.pad_id, dtype=torch.long)
         for row, sequence in enumerate(sequences):
             tokens[row, :len(sequence)] = torch.tensor(sequence)
-        positions = torch.arange(width).unsqueeze(0).expand(len(sequences), -1)
+        # padding past --seq-length reuses the last position id (it is never attended to)
+        positions = torch.arange(width).clamp(max=self.max_length - 1)
+        positions = positions.unsqueeze(0).expand(len(sequences), -1)
         device = next(self.model.parameters()).device
         extras = {} if self.image_token_id is None else {
             "images": None if images is None else images.to(device)}
@@ -261,7 +284,7 @@ def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
         decoder = GreedyDecoder(model, tokenizer, getattr(dataset, "image_loader", None),
                                 config.data.image_root, image_token_id,
                                 getattr(dataset, "num_image_tokens", 0), options.max_new_tokens,
-                                config.model.seq_length)
+                                config.model.seq_length, eval_pad_multiple(config, options))
         if dist.get_rank() == 0:
             print(f"eval: {len(questions)} questions, checkpoint {config.checkpoint.load} "
                   f"iteration {progress.iteration}", flush=True)

@@ -21,7 +21,7 @@ import os
 import torch
 
 from megatron_stgc.config import RunConfig
-
+from megatron_stgc.convert.layouts import matching_layout
 from megatron_stgc.model.llava import model_parts
 
 PARTS = ("vision_model", "vision_projection", "language_model")
@@ -41,13 +41,19 @@ def read_pretrained(path: str) -> dict[str, dict[str, torch.Tensor]]:
     return parts
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load ``state`` into ``module``; every parameter must be given (extra_state may be absent)."""
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> str:
+    """Load ``state`` into ``module``; every parameter must be given (extra_state may be absent).
+
+    The state may be in the local-spec or the Transformer Engine layout (a CPU run's
+    checkpoint on a GPU, or back): it is renamed to the module's. Returns the conversion."""
+    state, conversion = matching_layout(state, module.state_dict().keys())
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise ValueError(f"--pretrained-checkpoint: {what} does not match the model: "
+        raise ValueError(f"--pretrained-checkpoint: {what} does not match the model in any "
+                         f"known layout (local or Transformer Engine spec): "
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return conversion
 
 
 def upcycled_language_state(language_model: torch.nn.Module, dense_state: dict,
@@ -82,8 +88,8 @@ def load_pretrained(model: torch.nn.Module, config: RunConfig, vocab_size: int) 
         if part == "language_model" and config.vision.moe_use_upcycling:
             state = upcycled_language_state(module, state, config, vocab_size)
             part += " (upcycled)"
-        _load_strict(module, state, part)
-        loaded.append(part)
+        conversion = _load_strict(module, state, part)
+        loaded.append(part if conversion == "as saved" else f"{part} ({conversion} layout)")
     summary = f"--pretrained-checkpoint {path}: loaded {', '.join(loaded) or 'nothing'}"
     if kept_random:
         summary += f"; randomly initialised (not in the checkpoint): {', '.join(kept_random)}"
