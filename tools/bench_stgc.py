@@ -17,9 +17,15 @@ estimator's agreement with the exact conflict flags, and writes them to --output
 
 Peak memory on CPU: each step starts after malloc_trim(0) with the kernel's
 peak-RSS counter reset (/proc/self/clear_refs = 5); peak = VmHWM during the step.
-All variants live in the same processes, so the reported peak for variant v is
+On a GPU (CUDA present: NCCL, one process per GPU): torch.cuda's peak allocated
+memory, reset before the step. All variants live in the same processes, so the
+reported peak for variant v is
   model state (params + fp32 grads + Adam, identical for all variants)
-  + (VmHWM - RSS before the step)   (activations, STGC captures, temporaries).
+  + (peak during the step - memory before it)   (activations, STGC captures, temporaries).
+Memory held across steps (e.g. captures kept alive after a backward) is not seen by
+this difference: the "held after step" column reports memory allocated after the step
+minus before it (GPU only).
+On a GPU the step time is taken after torch.cuda.synchronize().
 """
 
 from __future__ import annotations
@@ -81,6 +87,34 @@ def _reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status_kb("VmRSS")
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _sync() -> None:
+    if _on_gpu():
+        torch.cuda.synchronize()
+
+
+def _memory_before_step() -> int:
+    """Bytes in use now; resets the peak counter."""
+    if _on_gpu():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return _reset_peak_rss() * 1024
+
+
+def _peak_since(before: int) -> int:
+    if _on_gpu():
+        return torch.cuda.max_memory_allocated() - before
+    return _status_kb("VmHWM") * 1024 - before
+
+
+def _held_since(before: int) -> int:
+    return torch.cuda.memory_allocated() - before if _on_gpu() else 0
 
 
 def _model_state_bytes(model) -> int:
@@ -157,11 +191,14 @@ def _estimator_agreement(built, variant, batch, args):
                                     seq_length=args.seq_length,
                                     micro_batch_size=args.micro_batch_size, forward_only=False)
         flags[name] = [(l.stgc.last.conflicts, ~torch.isnan(l.stgc.last.cos)) for l in stgc_layers(objects.model)]
-    counts = torch.zeros(5, dtype=torch.float64)  # same, judged, exact, lowrank, both conflicting
+    from megatron_stgc.parallel import collective_device
+
+    # same, judged, exact, lowrank, both conflicting
+    counts = torch.zeros(5, dtype=torch.float64, device=collective_device())
     for (e_flags, e_judged), (l_flags, _) in zip(flags["exact"], flags["estimate"]):
-        counts += torch.tensor([((e_flags == l_flags) & e_judged).sum(), e_judged.sum(),
-                                e_flags.sum(), l_flags.sum(), (e_flags & l_flags).sum()],
-                               dtype=torch.float64)
+        counts += torch.stack([((e_flags == l_flags) & e_judged).sum(), e_judged.sum(),
+                               e_flags.sum(), l_flags.sum(), (e_flags & l_flags).sum()]
+                              ).to(counts)
     dist.all_reduce(counts)
     same, judged, exact_n, lowrank_n, both = counts.tolist()
     return {"agreement": same / judged, "conflict_fraction": exact_n / judged,
@@ -190,26 +227,33 @@ def rank_main(rank, args, port):
     batches = _batches(args, vocab, seed=100 + rank, count=args.reps + 1)
     times = {v: [] for v in args.variants}
     peaks = {v: [] for v in args.variants}
+    held = {v: [] for v in args.variants}
     for rep, batch in enumerate(batches):
         order = args.variants[rep % len(args.variants):] + args.variants[:rep % len(args.variants)]
         for variant in order:
             dist.barrier()
-            rss_before = _reset_peak_rss()
+            before = _memory_before_step()
             start = time.perf_counter()
             _step(built[variant], variant, batch, args)
+            _sync()
             dist.barrier()
             elapsed = time.perf_counter() - start
             if rep > 0:  # rep 0 warms up every variant
                 times[variant].append(elapsed)
-                peaks[variant].append((_status_kb("VmHWM") - rss_before) * 1024)
+                peaks[variant].append(_peak_since(before))
+                held[variant].append(_held_since(before))
             if rank == 0:
                 print(f"rep {rep} {variant:12s} {elapsed:7.2f}s", flush=True)
     agreement = {v: _estimator_agreement(built, v, batches[0], args)
                  for v in args.variants if v.startswith("lowrank-") or v == "fc2"}
     state = _model_state_bytes(built["plain"].unwrapped_model)
-    summary = torch.tensor([[statistics.median(times[v]), max(peaks[v])] for v in args.variants],
-                           dtype=torch.float64)
+    from megatron_stgc.parallel import collective_device
+
+    summary = torch.tensor([[statistics.median(times[v]), max(peaks[v]), max(held[v])]
+                            for v in args.variants], dtype=torch.float64,
+                           device=collective_device())
     dist.all_reduce(summary, op=dist.ReduceOp.MAX)  # the slowest / largest rank counts
+    summary = summary.cpu()
     if rank == 0:
         _report(args, summary, state, agreement)
     dist.destroy_process_group()
@@ -217,19 +261,28 @@ def rank_main(rank, args, port):
 
 def _report(args, summary, state, agreement):
     base_time, base_peak = float(summary[0, 0]), state + float(summary[0, 1])
+    if _on_gpu():
+        machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                   f"{args.expert_model_parallel_size} NCCL process(es)")
+    else:
+        machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{args.expert_model_parallel_size} gloo processes x 1 thread")
     lines = [
         f"# bench_stgc: {args.num_layers} MoE layers, hidden {args.hidden_size}, expert FFN "
         f"{args.moe_ffn_hidden_size}, {args.num_experts} experts top-{args.moe_router_topk}, "
         f"seq {args.seq_length} x {args.micro_batch_size} per rank, EP={args.expert_model_parallel_size}, "
         f"median of {args.reps} interleaved steps",
-        f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.expert_model_parallel_size} gloo processes x 1 thread",
-        f"{'plain':12s} {base_time:6.2f}s/step   (peak {base_peak / 2**20:7.1f} MiB)",
+        f"# machine: {machine}",
+        f"{'plain':12s} {base_time:6.3f}s/step   (peak {base_peak / 2**20:7.1f} MiB)",
     ]
     for i, variant in enumerate(args.variants[1:], start=1):
         time_ratio = float(summary[i, 0]) / base_time
         mem_ratio = (state + float(summary[i, 1])) / base_peak
-        lines.append(f"{variant:12s} {time_ratio:5.2f}x time  {mem_ratio:5.2f}x memory")
+        line = (f"{variant:12s} {float(summary[i, 0]):6.3f}s/step {time_ratio:5.2f}x time  "
+                f"{mem_ratio:5.2f}x memory")
+        if _on_gpu():
+            line += f"  held after step {float(summary[i, 2]) / 2**20:7.1f} MiB"
+        lines.append(line)
     for variant, agree in agreement.items():
         lines.append(f"{variant} vs exact flags: {100 * agree['agreement']:.2f}% of judged pairs "
                      f"agree; {100 * agree['recall']:.1f}% of exact conflicts found, "
@@ -251,6 +304,9 @@ def main(argv=None):
     args = parse_args(argv)
     from megatron_stgc.parallel import _free_port
 
+    if torch.cuda.is_available() and args.expert_model_parallel_size > torch.cuda.device_count():
+        sys.exit(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs that many "
+                 f"GPUs (NCCL: one process per GPU); this machine has {torch.cuda.device_count()}")
     mp.spawn(rank_main, args=(args, _free_port()), nprocs=args.expert_model_parallel_size, join=True)
 
 
