@@ -121,6 +121,12 @@ class DataConfig:
     cache_dir: Optional[str] = None  # default: <save>/cache or ~/.cache/megatron_stgc
     image_root: Optional[str] = None  # folder the LLaVA records' "image" paths are under
     image_loader: str = "auto"  # "auto" (DALI if installed, else PIL) | "dali" | "pil"
+    # records' image paths must stay inside --image-root once resolved (.., absolute paths
+    # and links leading outside are counted as image_outside_root); true lets them out
+    allow_image_outside_root: bool = False
+    # images with more pixels (width x height, read from the file header before decoding)
+    # are counted as image_too_large instead of being decoded
+    max_image_pixels: int = 40_000_000
 
 
 @dataclass
@@ -515,6 +521,7 @@ def _validate_vision(config: RunConfig) -> None:
     v, d = config.vision, config.data
     _require(d.image_loader in ("auto", "dali", "pil"),
              f"--image-loader must be 'auto', 'dali' or 'pil', got {d.image_loader!r}")
+    _require(d.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {d.max_image_pixels}")
     if v.vision_model_type is None:
         for key in ("freeze_vit", "freeze_projection"):
             _require(not getattr(v, key), f"{flag(key)} needs --vision-model-type")

@@ -50,3 +50,30 @@ def test_resume_is_exact(tmp_path, distributed_optimizer, bf16):
     for straight, resumed in run_on_ranks(_straight_and_resumed, 2, str(tmp_path),
                                           distributed_optimizer, bf16):
         assert straight == resumed
+
+
+def _data_state_round_trip(rank, world_size, root):
+    from megatron.core import parallel_state
+
+    from megatron_stgc.training.checkpoint import TrainProgress, load_checkpoint, save_checkpoint
+
+    config = tiny_config(2, global_batch_size=8, micro_batch_size=2, train_iters=STEPS)
+    first = build_tiny(config)
+    _losses(first, range(1))  # the optimizer has state to save
+    mine = {"bad_samples": {"counts": {"corrupt_image": rank + 1},
+                            "examples": {"corrupt_image": [f"r{rank}"]}},
+            "truncated": 10 * rank, "bad_records": [rank, 7]}
+    save_checkpoint(root, first.model, first.optimizer, first.scheduler, TrainProgress(1, 8),
+                    data_state=mine)
+    parallel_state.destroy_model_parallel()
+    second = build_tiny(config)
+    restored = []
+    load_checkpoint(root, second.model, second.optimizer, second.scheduler,
+                    restore_data_state=restored.append)
+    return mine, restored
+
+
+def test_each_rank_gets_its_own_data_state_back(tmp_path):
+    """The LLaVA data set's bad-sample counters ride in the checkpoint, one per rank."""
+    for mine, restored in run_on_ranks(_data_state_round_trip, 2, str(tmp_path)):
+        assert restored == [mine]

@@ -32,7 +32,9 @@ The transform, for every image:
    ``(x - 255 mean) / (255 std)``), HWC -> CHW.
 
 Unusable images raise / report :class:`BadImage` with ``kind`` ``"missing_image"``
-(the path is not a readable file) or ``"corrupt_image"`` (it cannot be decoded).
+(the path is not a readable file), ``"corrupt_image"`` (it cannot be decoded) or
+``"image_too_large"`` (width x height, read from the file header by Pillow before any
+decoding, exceeds ``max_pixels``: a decompression bomb costs nothing; both backends).
 The data set counts them by kind and skips the sample. Missing files are
 checked before decoding. DALI fails a whole batch at run time on one bad image
 (a ``RuntimeError``, and the pipeline object is unusable afterwards), so on a
@@ -64,6 +66,8 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than max_pixels (header, before decoding)
+DEFAULT_MAX_PIXELS = 40_000_000
 BACKENDS = ("auto", "dali", "pil")
 
 # Exceptions DALI raises from Pipeline.run() on undecodable input (RuntimeError;
@@ -78,7 +82,7 @@ class BadImage(Exception):
     """An image that cannot be used: ``kind`` is "missing_image" or "corrupt_image"."""
 
     def __init__(self, kind: str, path: str, detail: str = ""):
-        if kind not in (MISSING_IMAGE, CORRUPT_IMAGE):
+        if kind not in (MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE):
             raise ValueError(f"unknown BadImage kind {kind!r}")
         self.kind = kind
         self.path = path
@@ -206,7 +210,8 @@ class ImagePreprocessor:
     def __init__(self, img_h: int, img_w: int, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD, backend: str = "auto",
                  device: str | torch.device = "cpu", *, max_batch: int = 64,
-                 num_threads: int = 2, dali_decode: str = "auto", pil_fallback: bool = True):
+                 num_threads: int = 2, dali_decode: str = "auto", pil_fallback: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         if int(img_h) <= 0 or int(img_w) <= 0:
             raise ValueError(f"image size must be positive, got {img_h}x{img_w}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -224,6 +229,7 @@ class ImagePreprocessor:
         self.max_batch = int(max_batch)
         self.num_threads = int(num_threads)
         self.pil_fallback = pil_fallback
+        self.max_pixels = int(max_pixels)
         self.requested_backend = backend
         self.stats = {"images": 0, "bad": 0, "dali_retries": 0, "pil_fallbacks": 0,
                       "rebuilds": 0}
@@ -296,9 +302,16 @@ class ImagePreprocessor:
         paths = [os.fspath(p) for p in paths]
         arrays: dict[int, np.ndarray] = {}
         failures: dict[int, BadImage] = {}
+        for index, path in enumerate(paths):
+            try:
+                _check_pixel_count(path, self.max_pixels)
+            except BadImage as error:
+                failures[index] = error
         if self.backend_name == "dali":
             encoded = {}
             for index, path in enumerate(paths):
+                if index in failures:
+                    continue
                 try:
                     encoded[index] = _read_bytes(path)
                 except BadImage as error:
@@ -310,6 +323,8 @@ class ImagePreprocessor:
                     self._dali_group(chunk, encoded, paths, arrays, failures)
         else:
             for index, path in enumerate(paths):
+                if index in failures:
+                    continue
                 try:
                     arrays[index] = self._pil_normalised(path)
                 except BadImage as error:
@@ -417,6 +432,25 @@ class ImagePreprocessor:
             return
         for row, index in enumerate(indices):
             arrays[index] = batch[row]
+
+
+def _check_pixel_count(path: str, max_pixels: int) -> None:
+    """BadImage(image_too_large) when the file's header says width x height > max_pixels.
+
+    Pillow reads only the header here (no decoding). A file Pillow cannot identify, or that
+    is missing, is left to the decoder, which reports it as missing or corrupt.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - unreadable or unknown: the decoder's verdict counts
+        return
+    if width * height > max_pixels:
+        raise BadImage(IMAGE_TOO_LARGE, path,
+                       f"{width}x{height} = {width * height} pixels > {max_pixels} "
+                       "(--max-image-pixels)")
 
 
 def _read_bytes(path: str) -> np.ndarray:

@@ -26,9 +26,34 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_stgc.data import conversation as _conversation
+from megatron_stgc.data import images as _images
 from megatron_stgc.data.conversation import BadConversation, tokenize_conversation
 from megatron_stgc.data.llava_index import BadSampleCounter, LlavaIndex, ShardedSampler
+from megatron_stgc.data.record_checks import (
+    IMAGE_OUTSIDE_ROOT,
+    ImagePathRefused,
+    resolve_image_path,
+    safe_label,
+)
 from megatron_stgc.model.modality import modality_of
+
+
+# Every kind of bad sample the LLaVA loader names: found when the index is built
+# (llava_index.BAD_KINDS, including record_checks' text and path kinds) or when a record is
+# used (conversation problems, images that cannot be loaded).
+IN_USE_KINDS = (
+    _conversation.IMAGE_TAG_WITHOUT_IMAGE, _conversation.TOO_MANY_IMAGE_TAGS,
+    _conversation.UNKNOWN_ROLE, _conversation.NO_USER_TURN, _conversation.IMAGE_TAG_IN_ANSWER,
+    _conversation.IMAGE_TRUNCATED, _conversation.NO_ANSWER_AFTER_TRUNCATION,
+    _images.MISSING_IMAGE, _images.CORRUPT_IMAGE, _images.IMAGE_TOO_LARGE, IMAGE_OUTSIDE_ROOT,
+)
+
+
+def all_bad_sample_kinds() -> tuple[str, ...]:
+    from megatron_stgc.data.llava_index import BAD_KINDS
+
+    return tuple(sorted(set(BAD_KINDS) | set(IN_USE_KINDS)))
 
 
 @dataclass
@@ -69,11 +94,20 @@ class LlavaSFTDataset:
             self.bad_samples.add(kind, record_id)
 
     def _tokenize(self, record: int) -> _Resolved:
-        """Raises BadConversation for unusable conversations."""
+        """Raises BadConversation for unusable conversations (and image paths that, resolved
+        now, leave the image root: a link changed since the index was built)."""
         data = self.index.record(record)
         image = data.get("image")
-        image_path = None if image is None else os.path.join(self.image_root or "", image)
-        record_id = str(data.get("id", f"#{record}"))
+        record_id = safe_label(data.get("id", f"#{record}"))
+        image_path = None
+        try:
+            if image is not None:
+                image_path = resolve_image_path(image, self.image_root,
+                                                self.index.allow_image_outside_root)
+        except ImagePathRefused as error:
+            refused = BadConversation(IMAGE_OUTSIDE_ROOT, str(error))
+            refused.record_id = record_id
+            raise refused from None
         try:
             tokenized = tokenize_conversation(
                 data["conversations"], self.tokenizer, has_image=image is not None,
@@ -139,6 +173,20 @@ class LlavaSFTDataset:
             "modality": modality_of(inputs, self.image_token_id, lengths),
         }
 
+    # ------------------------------------------------------------------ resume
+
+    def data_state(self) -> dict:
+        """What a checkpoint keeps so the counters continue after a resume: bad samples
+        found in use (and which records, so a resumed run does not count them twice) and
+        the truncation count."""
+        return {"bad_samples": self.bad_samples.to_json(), "truncated": self.truncated,
+                "bad_records": sorted(self._bad_records)}
+
+    def restore_data_state(self, state: dict) -> None:
+        self.bad_samples = BadSampleCounter.from_json(state["bad_samples"])
+        self.truncated = int(state["truncated"])
+        self._bad_records = set(int(r) for r in state["bad_records"])
+
     def report(self, bad_samples: Optional[BadSampleCounter] = None,
                truncated: Optional[int] = None, scope: str = "") -> str:
         """Bad records found at index build time and in use, and the truncation count;
@@ -166,15 +214,17 @@ def tokenizer_training_texts(index: LlavaIndex, limit: int = 20000) -> list[str]
 
 def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: str, seed: int,
                         seq_length: int, num_image_tokens: int, image_loader,
-                        tokenizer_model: Optional[str] = None,
-                        vocab_size: int = 512) -> tuple[LlavaSFTDataset, object]:
+                        tokenizer_model: Optional[str] = None, vocab_size: int = 512,
+                        allow_image_outside_root: bool = False
+                        ) -> tuple[LlavaSFTDataset, object]:
     """The LLaVA data set and its tokenizer (a SentencePiece model trained on the data and
     cached on first use, unless --tokenizer-model is given). The image token id is the
     first id past the tokenizer's vocabulary. Let rank 0 call it first (index build)."""
     from megatron_stgc.data.tokenizer import get_or_train_tokenizer, load_tokenizer
 
     os.makedirs(cache_dir, exist_ok=True)
-    index = LlavaIndex(data_path, image_root=image_root, cache_dir=cache_dir)
+    index = LlavaIndex(data_path, image_root=image_root, cache_dir=cache_dir,
+                       allow_image_outside_root=allow_image_outside_root)
     if len(index) == 0:
         raise ValueError(f"--data-path {data_path}: no usable records\n{index.report()}")
     if tokenizer_model is not None:

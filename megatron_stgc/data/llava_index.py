@@ -40,7 +40,20 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-INDEX_FORMAT_VERSION = 2  # bump when the index layout or validation rules change
+from megatron_stgc.data.record_checks import (
+    IMAGE_OUTSIDE_ROOT,
+    INVALID_UNICODE,
+    MAX_RECORD_BYTES,
+    NUL_CHARACTER,
+    RECORD_TOO_LARGE,
+    TEXT_TOO_LONG,
+    ImagePathRefused,
+    resolve_image_path,
+    safe_label,
+    text_problem,
+)
+
+INDEX_FORMAT_VERSION = 3  # bump when the index layout or validation rules change
 
 # Kinds of bad records (BadSampleCounter keys).
 MALFORMED_JSON = "malformed_json"  # not parseable, or not a JSON object
@@ -50,8 +63,11 @@ BAD_TURN = "bad_turn"  # a turn that is not {"from": str, "value": str}
 NO_ASSISTANT_TURN = "no_assistant_turn"  # no turn from "gpt" (or "assistant")
 MISSING_IMAGE = "missing_image"  # image given but not a file under the image root
 BAD_IMAGE_FIELD = "bad_image_field"  # "image" present but not a string path
+# and the text/path kinds of record_checks: invalid_unicode, nul_character, text_too_long,
+# record_too_large, image_outside_root
 BAD_KINDS = (MALFORMED_JSON, NON_UTF8, EMPTY_CONVERSATIONS, BAD_TURN, NO_ASSISTANT_TURN,
-             MISSING_IMAGE, BAD_IMAGE_FIELD)
+             MISSING_IMAGE, BAD_IMAGE_FIELD, INVALID_UNICODE, NUL_CHARACTER, TEXT_TOO_LONG,
+             RECORD_TOO_LARGE, IMAGE_OUTSIDE_ROOT)
 ASSISTANT_ROLES = ("gpt", "assistant")
 
 # One JSON string literal (escapes included), or one bracket. Matching a whole string
@@ -194,9 +210,9 @@ def is_jsonl(data: bytes | mmap.mmap) -> bool:
 
 
 def record_label(record: object, number: int) -> str:
-    """The record's id for reports, or ``#number`` (0-based position in the file)."""
+    """The record's id for reports (escaped, shortened), or ``#number`` (0-based position)."""
     if isinstance(record, dict) and "id" in record:
-        return str(record["id"])
+        return safe_label(record["id"])
     return f"#{number}"
 
 
@@ -206,20 +222,25 @@ def is_turn(turn: object) -> bool:
             and isinstance(turn.get("value"), str))
 
 
-def classify_record(raw: bytes, number: int,
-                    image_root: Optional[str]) -> tuple[Optional[str], str]:
+def classify_record(raw: bytes, number: int, image_root: Optional[str],
+                    allow_image_outside_root: bool = False) -> tuple[Optional[str], str]:
     """(bad kind or None, label) of one record's bytes."""
+    if len(raw) > MAX_RECORD_BYTES:
+        return RECORD_TOO_LARGE, f"#{number}"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return NON_UTF8, f"#{number}"
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return MALFORMED_JSON, f"#{number}"
     label = record_label(record, number)
     if not isinstance(record, dict):
         return MALFORMED_JSON, label
+    problem = text_problem(record)
+    if problem is not None:
+        return problem, label
     turns = record.get("conversations")
     if not turns:
         return EMPTY_CONVERSATIONS, label
@@ -228,21 +249,27 @@ def classify_record(raw: bytes, number: int,
     if not any(t["from"] in ASSISTANT_ROLES for t in turns):
         return NO_ASSISTANT_TURN, label
     image = record.get("image")
-    if image is not None and not isinstance(image, str):
+    if image is None:
+        return None, label
+    if not isinstance(image, str) or not image:
         return BAD_IMAGE_FIELD, label
-    if image is not None and image_root is not None and not (
-            isinstance(image, str) and os.path.isfile(os.path.join(image_root, image))):
+    try:
+        path = resolve_image_path(image, image_root, allow_image_outside_root)
+    except ImagePathRefused:
+        return IMAGE_OUTSIDE_ROOT, label
+    if image_root is not None and not os.path.isfile(path):
         return MISSING_IMAGE, label
     return None, label
 
 
-def validate_spans(data: bytes | mmap.mmap, spans: np.ndarray,
-                   image_root: Optional[str]) -> tuple[np.ndarray, BadSampleCounter]:
+def validate_spans(data: bytes | mmap.mmap, spans: np.ndarray, image_root: Optional[str],
+                   allow_image_outside_root: bool = False) -> tuple[np.ndarray, BadSampleCounter]:
     """(spans of the good records int64 [n_good, 2], counter of the bad ones)."""
     counter = BadSampleCounter()
     keep = np.ones(len(spans), dtype=bool)
     for number, (offset, length) in enumerate(spans.tolist()):
-        kind, label = classify_record(data[offset:offset + length], number, image_root)
+        kind, label = classify_record(data[offset:offset + length], number, image_root,
+                                      allow_image_outside_root)
         if kind is not None:
             keep[number] = False
             counter.add(kind, label)
@@ -252,11 +279,15 @@ def validate_spans(data: bytes | mmap.mmap, spans: np.ndarray,
 # ---------------------------------------------------------------------------- index
 
 
-def file_signature(path: str, image_root: Optional[str]) -> dict:
-    """What the index depends on: data size/mtime, image root, format version."""
+def file_signature(path: str, image_root: Optional[str],
+                   allow_image_outside_root: bool = False) -> dict:
+    """What the index depends on: data size/mtime, image root (and whether images may
+    leave it; without a root, the working directory), format version."""
     stat = os.stat(path)
+    root = os.getcwd() if image_root is None else image_root
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "image_root": None if image_root is None else os.path.abspath(image_root),
+            "image_root": os.path.abspath(root), "root_given": image_root is not None,
+            "allow_image_outside_root": bool(allow_image_outside_root),
             "version": INDEX_FORMAT_VERSION}
 
 
@@ -276,13 +307,14 @@ def _write_atomic(target: str, write) -> None:
     os.replace(tmp, target)
 
 
-def build_index(path: str, image_root: Optional[str], spans_path: str, meta_path: str) -> None:
+def build_index(path: str, image_root: Optional[str], spans_path: str, meta_path: str,
+                allow_image_outside_root: bool = False) -> None:
     """Scan, validate and save the index (spans first, metadata last, both atomic)."""
-    signature = file_signature(path, image_root)
+    signature = file_signature(path, image_root, allow_image_outside_root)
     with open(path, "rb") as f, _map_file(f) as data:
         jsonl = is_jsonl(data)
         spans = jsonl_spans(data) if jsonl else json_list_spans(data)
-        good_spans, counter = validate_spans(data, spans, image_root)
+        good_spans, counter = validate_spans(data, spans, image_root, allow_image_outside_root)
 
     def write_spans(tmp):
         with open(tmp, "wb") as out:
@@ -327,14 +359,17 @@ class LlavaIndex:
     """
 
     def __init__(self, path: str, image_root: Optional[str] = None,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, allow_image_outside_root: bool = False):
         self.path = path
         self.image_root = image_root
+        self.allow_image_outside_root = allow_image_outside_root
         self.spans_path, self.meta_path = index_paths(path, cache_dir)
         self.rebuilt = False
         meta = self._load_meta()
-        if meta is None or meta["signature"] != file_signature(path, image_root):
-            build_index(path, image_root, self.spans_path, self.meta_path)
+        signature = file_signature(path, image_root, allow_image_outside_root)
+        if meta is None or meta["signature"] != signature:
+            build_index(path, image_root, self.spans_path, self.meta_path,
+                        allow_image_outside_root)
             self.rebuilt = True
             meta = self._load_meta()
         self.format: str = meta["format"]

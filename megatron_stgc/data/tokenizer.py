@@ -79,8 +79,8 @@ def cached_tokenizer_path(cache_dir: str, texts_fingerprint: str, vocab_size: in
 
 def fingerprint(texts: Iterable[str]) -> str:
     digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode())
+    for text in texts:  # records are validated at the index; surrogatepass never raises
+        digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()
 

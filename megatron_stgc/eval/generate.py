@@ -87,7 +87,8 @@ class GreedyDecoder:
 
     def __init__(self, model, tokenizer, image_loader, image_root: Optional[str],
                  image_token_id: Optional[int], num_image_tokens: int, max_new_tokens: int,
-                 max_length: int, pad_to_multiple: int = 1):
+                 max_length: int, pad_to_multiple: int = 1,
+                 allow_image_outside_root: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.image_loader = image_loader
@@ -99,6 +100,7 @@ class GreedyDecoder:
         # FP8 (Transformer Engine) needs token counts that are multiples of 8/16; padding at
         # the end of a causal sequence does not change the logits of the positions before it
         self.pad_to_multiple = pad_to_multiple
+        self.allow_image_outside_root = allow_image_outside_root
 
     def prompt(self, question: dict) -> list[int]:
         from megatron_stgc.data.conversation import prompt_tokens
@@ -112,20 +114,44 @@ class GreedyDecoder:
                skip: dict[int, str]) -> tuple[Optional[torch.Tensor], dict[int, str]]:
         """[n_img, 3, H, W] for the questions with an image (rows in ``skip`` left out);
         {row: error} for unreadable ones. The tensor holds the good images in row order."""
+        from megatron_stgc.data.record_checks import ImagePathRefused, resolve_image_path
+
         rows = [i for i, q in enumerate(questions) if q.get("image") is not None and i not in skip]
         if not rows or self.image_loader is None:
             return None, {}
-        paths = [os.path.join(self.image_root or "", questions[i]["image"]) for i in rows]
+        refused, paths, kept = {}, [], []
+        for row in rows:
+            try:
+                paths.append(resolve_image_path(questions[row]["image"], self.image_root,
+                                                self.allow_image_outside_root))
+                kept.append(row)
+            except ImagePathRefused as error:
+                refused[row] = f"{error.kind}: {error}"
+        if not kept:
+            return None, refused
         images, failures = self.image_loader.load(paths)
-        return images, {rows[i]: f"{error.kind}: {paths[i]}" for i, error in failures}
+        refused.update({kept[i]: f"{error.kind}: {paths[i]}" for i, error in failures})
+        return images, refused
 
     def _prompts(self, questions: list[dict]) -> tuple[dict[int, list[int]], dict[int, str]]:
         """({row: prompt ids}, {row: error}): an error where the prompt cannot be built or
         does not fit --seq-length."""
         from megatron_stgc.data.conversation import BadConversation
 
+        from megatron_stgc.data.llava_index import BAD_IMAGE_FIELD
+        from megatron_stgc.data.record_checks import text_problem
+
         prompts, errors = {}, {}
         for row, question in enumerate(questions):
+            problem = text_problem(question)
+            image = question.get("image")
+            if problem is None and image is not None and (not isinstance(image, str) or not image):
+                problem = BAD_IMAGE_FIELD
+            if problem is None and not isinstance(question.get("text"), str):
+                problem = "bad_question_text"
+            if problem is not None:
+                errors[row] = f"{problem}: the question cannot be used"
+                continue
             try:
                 prompt = self.prompt(question)
             except BadConversation as error:
@@ -284,7 +310,8 @@ def run_eval(config: RunConfig, options: EvalOptions) -> Optional[dict]:
         decoder = GreedyDecoder(model, tokenizer, getattr(dataset, "image_loader", None),
                                 config.data.image_root, image_token_id,
                                 getattr(dataset, "num_image_tokens", 0), options.max_new_tokens,
-                                config.model.seq_length, eval_pad_multiple(config, options))
+                                config.model.seq_length, eval_pad_multiple(config, options),
+                                config.data.allow_image_outside_root)
         if dist.get_rank() == 0:
             print(f"eval: {len(questions)} questions, checkpoint {config.checkpoint.load} "
                   f"iteration {progress.iteration}", flush=True)

@@ -139,7 +139,9 @@ def write_answers(path: Union[str, os.PathLike], records: Iterable[Mapping]) -> 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    # a lone surrogate from a question's text is written as its JSON escape (\udcff), which
+    # reads back as the same string, instead of failing the whole file
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
     return len(lines)

@@ -97,8 +97,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
-                   is_loading: bool, with_rng: bool = True) -> dict:
-    """The whole state as one sharded state dict (model, optimizer, scheduler, RNG, data)."""
+                   is_loading: bool, with_rng: bool = True,
+                   data_state: Optional[dict] = None) -> dict:
+    """The whole state as one sharded state dict (model, optimizer, scheduler, RNG, data).
+
+    data_state: this rank's data-set state (bad-sample counters, see
+    LlavaSFTDataset.data_state), one object per global rank like the RNG states."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model_state = model[0].module.sharded_state_dict()
     state = {
@@ -115,14 +119,19 @@ def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
         # one RNG snapshot per global rank
         state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
                                            replica_id=0)
+    state["has_data_state"] = data_state is not None
+    if data_state is not None:
+        state["data_state"] = ShardedObject("data_state", data_state, (world,), (rank,),
+                                            replica_id=0)
     return state
 
 
 def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgress,
-                    keep_last: Optional[int] = None) -> str:
+                    keep_last: Optional[int] = None, data_state: Optional[dict] = None) -> str:
     """Save collectively (every rank calls it); returns the published directory.
 
     keep_last: after publishing, delete all but the newest ``keep_last`` checkpoints.
+    data_state: this rank's data-set state (every rank passes one, or none does).
     """
     rank = dist.get_rank()
     final = checkpoint_dir(root, progress.iteration)
@@ -136,7 +145,8 @@ def save_checkpoint(root: str, model, optimizer, scheduler, progress: TrainProgr
         remove_leftovers(root)
         os.makedirs(staging, exist_ok=False)
     dist.barrier()
-    state = _sharded_state(model, optimizer, scheduler, progress, is_loading=False)
+    state = _sharded_state(model, optimizer, scheduler, progress, is_loading=False,
+                           data_state=data_state)
     dist_checkpointing.save(state, staging)
     dist.barrier()
     if rank == 0:
@@ -270,22 +280,27 @@ def _check_format(path: str, saved_version: int) -> None:
 
 
 def load_checkpoint(root: str, model, optimizer, scheduler,
-                    iteration: Optional[int] = None) -> TrainProgress:
+                    iteration: Optional[int] = None, restore_data_state=None) -> TrainProgress:
     """Load the tracker's (or ``iteration``'s) checkpoint into model, optimizer,
     scheduler and RNG states collectively; returns the saved progress.
 
+    restore_data_state: called with this rank's saved data-set state, when the checkpoint
+    has one and the world size is the same (else the data-set counters start fresh).
     Raises FileNotFoundError naming --load when there is nothing to load.
     """
     path = _checkpoint_path(root, iteration)
-    saved_world = dist_checkpointing.load_common_state_dict(path).get("world_size")
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_world = common.get("world_size")
     same_world = saved_world == dist.get_world_size()
     if not same_world and dist.get_rank() == 0:
         print(f"--load {path}: saved with world size {saved_world}, running with "
               f"{dist.get_world_size()}; model/optimizer/scheduler/data position are "
-              "resharded, RNG states start fresh", flush=True)
+              "resharded, RNG states and bad-sample counters start fresh", flush=True)
+    with_data = bool(common.get("has_data_state")) and same_world \
+        and restore_data_state is not None
     _materialize_distributed_adam_state(optimizer)
     template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True,
-                              with_rng=same_world)
+                              with_rng=same_world, data_state={} if with_data else None)
     state = dist_checkpointing.load(template, path)
     _check_format(path, state["format_version"])
     with torch.no_grad():  # loading writes into parameters in place
@@ -295,6 +310,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
     scheduler.load_state_dict(state["scheduler"])
     if same_world:
         _set_rng_state(state["rng_state"])
+    if with_data:
+        restore_data_state(state["data_state"])
     return TrainProgress(**state["progress"])
 
 

@@ -55,12 +55,14 @@ def build_vision_language_data(config: RunConfig):
     v = config.vision
     mean, std = (SIGLIP_MEAN, SIGLIP_STD) if v.vision_model_type == "siglip" else (CLIP_MEAN,
                                                                                    CLIP_STD)
-    loader = ImagePreprocessor(v.img_h, v.img_w, mean, std, backend=config.data.image_loader)
+    loader = ImagePreprocessor(v.img_h, v.img_w, mean, std, backend=config.data.image_loader,
+                               max_pixels=config.data.max_image_pixels)
     return build_llava_dataset(
         config.data.data_path, config.data.image_root, cache_dir_for(config),
         seed=config.training.seed, seq_length=config.model.seq_length,
         num_image_tokens=num_image_tokens(config), image_loader=loader,
-        tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size)
+        tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
+        allow_image_outside_root=config.data.allow_image_outside_root)
 
 
 def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
@@ -166,14 +168,22 @@ def data_report(dataset) -> str:
                           scope=" (all ranks)")
 
 
-def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLogger) -> TrainProgress:
+def data_state_of(dataset) -> Optional[dict]:
+    """This rank's data-set state for the checkpoint (LLaVA: bad-sample counters), or None."""
+    return dataset.data_state() if hasattr(dataset, "data_state") else None
+
+
+def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLogger,
+                    dataset=None) -> TrainProgress:
     load = config.checkpoint.load
     if load is None:
         return TrainProgress()
     if read_tracker(load) is None and load == config.checkpoint.save:
         logger.message(f"--load {load}: no checkpoint yet; starting from iteration 0")
         return TrainProgress()
-    progress = load_checkpoint(load, objects.model, objects.optimizer, objects.scheduler)
+    restore = getattr(dataset, "restore_data_state", None)
+    progress = load_checkpoint(load, objects.model, objects.optimizer, objects.scheduler,
+                               restore_data_state=restore)
     logger.message(f"resumed from {load} at iteration {progress.iteration} "
                    f"({progress.consumed_samples} samples consumed)")
     return progress
@@ -209,13 +219,13 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
         records.append(record)
         if ckpt.save and ckpt.save_interval and progress.iteration % ckpt.save_interval == 0:
             save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
-                            keep_last=ckpt.keep_last)
+                            keep_last=ckpt.keep_last, data_state=data_state_of(dataset))
             last_saved = progress.iteration
         if t.exit_interval and progress.iteration - started_at >= t.exit_interval:
             break
     if ckpt.save and last_saved != progress.iteration:
         save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
-                        keep_last=ckpt.keep_last)
+                        keep_last=ckpt.keep_last, data_state=data_state_of(dataset))
     expert_load.remove()
     guard.remove()
     return records
@@ -254,7 +264,7 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
         logger.message(_describe(config, objects, tokenizer, dataset))
         for note in objects.notes:
             logger.message(note)
-        progress = resume_or_start(config, objects, logger)
+        progress = resume_or_start(config, objects, logger, dataset)
         register_stgc_metrics(config, objects)
         try:
             records = train_loop(config, objects, dataset, progress, logger)
