@@ -28,7 +28,7 @@ COPY tests ./tests
 
 RUN python -c "import torch; print(torch.__version__)" > /tmp/torch_version_before \
  && pip install --no-cache-dir --no-deps "megatron-core==0.19.2" \
- && pip install --no-cache-dir sentencepiece pyyaml psutil \
+ && pip install --no-cache-dir sentencepiece pyyaml psutil scikit-learn \
  && pip install --no-cache-dir --no-deps -e . \
  && python -c "import torch; print(torch.__version__)" > /tmp/torch_version_after \
  && cmp /tmp/torch_version_before /tmp/torch_version_after \

@@ -18,6 +18,7 @@ commands:
   train         train a GPT MoE or MoE-LLaVA model (run under torchrun for >1 process)
   eval          greedy answers for a LLaVA question file from a checkpoint, scored
   export        a checkpoint -> a --pretrained-checkpoint directory (one process)
+  plot          PNG figures (loss, conflicts, Fig. 3a/3b/4 analogues) from runs' JSONL logs
   print-config  print the resolved configuration as YAML and exit
 
 run `megatron-stgc train --help` for the flags."""
@@ -65,7 +66,14 @@ def _print_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "export": _export, "print-config": _print_config}
+def _plot(argv: list[str]) -> int:
+    from megatron_stgc.analysis.plots import main as plot_main
+
+    return plot_main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "export": _export, "print-config": _print_config,
+            "plot": _plot}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

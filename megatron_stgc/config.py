@@ -508,7 +508,7 @@ def _validate_stgc_layers(config: RunConfig) -> None:
     """--stgc must reach at least one MoE layer, and --stgc-layers name only MoE layers."""
     moe = moe_layer_indices(config)
     selected = sorted(config.stgc.layer_set(config.model.num_layers))
-    if config.stgc.layers is not None:
+    if config.stgc.layers_named:
         dense = [i for i in selected if i not in moe]
         _require(not dense, f"--stgc-layers names layers {dense}, which are not MoE layers "
                             f"(MoE layers: {moe}; --moe-layer-freq {config.model.moe_layer_freq})")

@@ -122,3 +122,8 @@ def test_expert_tensor_parallel_size_one_lets_stgc_past_its_check():
                                "--expert-tensor-parallel-size", "1"])
     with pytest.raises(ConfigError, match="needs sequence parallelism"):
         validate_run_config(config, 2)
+
+
+def test_stgc_layers_all_is_every_moe_layer():
+    config = parse_run_config(["--stgc", "--stgc-layers", "all"])  # MoE on layers 0 and 2
+    validate_run_config(config, 1)

@@ -80,3 +80,24 @@ def test_a_checkpoint_in_no_known_layout_is_named_in_the_error(tmp_path):
     torch.save({"model": state}, tmp_path / "bad" / "model.pt")
     with pytest.raises(ValueError, match="in any known layout"):
         make_model(num_experts=None, pretrained_checkpoint=str(tmp_path / "bad"))
+
+
+def test_an_exported_text_model_loads_as_a_pretrained_checkpoint(tmp_path):
+    """megatron-stgc export of a text GPT (no vision parts) writes language_model.* keys, which
+    --pretrained-checkpoint reads (it refused the bare keys export used to write)."""
+    from megatron_stgc.training.export import model_state_for_export
+
+    text_flags = {k: v for k, v in FLAGS.items() if not k.startswith(("vision", "img", "patch"))
+                  and k != "data_path"}
+    torch.manual_seed(0)
+    source, _ = build_model(config_from_flat(text_flags), VOCAB)
+    exported = model_state_for_export(source)
+    assert all(key.startswith("language_model.") for key in exported)
+    os.makedirs(tmp_path / "exported")
+    torch.save({"model": exported}, tmp_path / "exported" / "model.pt")
+    torch.manual_seed(1)
+    loaded, notes = build_model(config_from_flat(
+        {**text_flags, "pretrained_checkpoint": str(tmp_path / "exported")}), VOCAB)
+    assert "loaded language_model" in notes[0]
+    for key, value in _real_state(source).items():
+        assert torch.equal(loaded.state_dict()[key], value), key

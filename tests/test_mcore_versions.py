@@ -56,6 +56,8 @@ def test_apply_stgc_reaches_the_moe_layers_only():
     config, block = _block()
     assert _stgc_indices(apply_stgc(block, config, STGCConfig(enabled=True))) == [0, 2]
     assert _stgc_indices(apply_stgc(block, config, STGCConfig(enabled=True, layers="2"))) == [2]
+    # "all" is every MoE layer, like no --stgc-layers (dense layers are skipped, not an error)
+    assert _stgc_indices(apply_stgc(block, config, STGCConfig(enabled=True, layers="all"))) == [0, 2]
 
 
 def test_stgc_layers_naming_a_dense_layer_is_an_error():

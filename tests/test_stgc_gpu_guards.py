@@ -133,3 +133,17 @@ def test_context_parallelism_is_rejected():
     config.context_parallel_size = 2  # what TransformerConfig would carry at CP=2
     with pytest.raises(ValueError, match="context parallelism"):
         check_supported(config)
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("moe_token_dispatcher_type", "flex", "token dispatchers"),
+    ("cuda_graph_impl", "local", "CUDA graphs"),
+])
+def test_setups_stgc_cannot_follow_fail_when_the_layer_is_built(setting, value, message):
+    from megatron_stgc.stgc.layer import check_supported
+
+    init_single_process()
+    config = moe_config()
+    setattr(config, setting, value)  # what TransformerConfig would carry (flex needs TE/DeepEP)
+    with pytest.raises(ValueError, match=message):
+        check_supported(config)

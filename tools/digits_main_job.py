@@ -101,11 +101,27 @@ def summarise(run_dir: str, results: dict, train_seconds: float) -> dict[str, ob
     return row
 
 
-def evaluate(nproc: int, name: str, run_dir: str, run_flags: list[str], data_dir: str) -> dict:
+def question_subset(data_dir: str, limit: int | None) -> tuple[str, str]:
+    """(question file, ground truth) of the validation set, or of its first ``limit`` questions."""
+    questions = os.path.join(data_dir, "val_questions.jsonl")
+    truth = os.path.join(data_dir, "val_answers.jsonl")
+    if limit is None:
+        return questions, truth
+    paths = []
+    for source in (questions, truth):
+        target = source.replace(".jsonl", f".first{limit}.jsonl")
+        with open(source) as f, open(target, "w") as out:
+            out.writelines(line for _, line in zip(range(limit), f))
+        paths.append(target)
+    return paths[0], paths[1]
+
+
+def evaluate(nproc: int, name: str, run_dir: str, run_flags: list[str], data_dir: str,
+             limit: int | None = None) -> dict:
     results_path = os.path.join(run_dir, "results.json")
+    questions, truth = question_subset(data_dir, limit)
     torchrun(nproc, ["eval"] + run_flags + [
-        "--question-file", os.path.join(data_dir, "val_questions.jsonl"),
-        "--ground-truth", os.path.join(data_dir, "val_answers.jsonl"),
+        "--question-file", questions, "--ground-truth", truth,
         "--answers-file", os.path.join(run_dir, "answers.jsonl"),
         "--results-file", results_path, "--model-id", name, "--max-new-tokens", "12"],
         os.path.join(run_dir, "eval.out"))
@@ -117,6 +133,50 @@ def run_flags_for(common: list[str], run_dir: str, extra: list[str]) -> list[str
     os.makedirs(run_dir, exist_ok=True)
     return common + ["--save", run_dir, "--load", run_dir,
                      "--log-file", os.path.join(run_dir, "train_log.jsonl")] + extra
+
+
+def prepare_stage2(output: str, config: str, nproc: int, seed: int, data_seed: int,
+                   dense_iters: int, extra: list[str], reuse_export: bool = False) -> dict:
+    """Data, stage II (dense, everything trainable) and its export: what every stage III starts
+    from. Returns {"data_dir", "common", "pretrained", "dense_dir", "dense_flags", "seconds"}.
+    reuse_export: an existing export is taken as it is (no torchrun at all)."""
+    data_dir = os.path.join(output, "data")
+    mix = build_digits_mix(data_dir, seed=data_seed)
+    print(f"data: {mix['counts']} ({'reused' if mix['reused'] else 'built'})", flush=True)
+    common = ["--config", config, "--data-path", os.path.join(data_dir, "train.json"),
+              "--image-root", data_dir, "--cache-dir", os.path.join(output, "cache"),
+              "--seed", str(seed)]
+    dense_dir = os.path.join(output, "dense")
+    dense_flags = run_flags_for(common, dense_dir, extra + DENSE + [
+        "--train-iters", str(dense_iters)])
+    pretrained = os.path.join(dense_dir, "pretrained")
+    seconds = 0.0
+    if not (reuse_export and os.path.isfile(os.path.join(pretrained, "model.pt"))):
+        seconds = torchrun(nproc, ["train"] + dense_flags, os.path.join(dense_dir, "train.out"))
+        torchrun(1, ["export", "--output", pretrained] + dense_flags,
+                 os.path.join(dense_dir, "export.out"))
+    return {"data_dir": data_dir, "common": common, "pretrained": pretrained,
+            "dense_dir": dense_dir, "dense_flags": dense_flags, "seconds": seconds}
+
+
+def stage3_flags(common: list[str], pretrained: str, iters: int, run_dir: str,
+                 flags: list[str]) -> list[str]:
+    """The flags of one stage III run (upcycled from ``pretrained``, MoE layers only)."""
+    return run_flags_for(common, run_dir, STAGE3 + ["--pretrained-checkpoint", pretrained,
+                                                     "--train-iters", str(iters)] + flags)
+
+
+def write_plots(run_dirs: list[str], out_dir: str) -> list[str]:
+    """The analysis figures of these runs (megatron-stgc plot); [] when matplotlib is missing."""
+    try:
+        from megatron_stgc.analysis.plots import write_plots as plots
+    except ImportError:
+        return []
+    try:
+        return plots(run_dirs, out_dir, say=lambda message: print(message, flush=True))
+    except ImportError as error:  # matplotlib not installed (the "plot" extra)
+        print(f"plots skipped: {error}", flush=True)
+        return []
 
 
 def main(argv=None) -> int:
@@ -133,48 +193,43 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     output = os.path.abspath(args.output)
-    data_dir = os.path.join(output, "data")
 
     start = time.perf_counter()
-    mix = build_digits_mix(data_dir, seed=args.data_seed)
-    print(f"data: {mix['counts']} ({'reused' if mix['reused'] else 'built'})", flush=True)
-    common = ["--config", args.config, "--data-path", os.path.join(data_dir, "train.json"),
-              "--image-root", data_dir, "--cache-dir", os.path.join(output, "cache"),
-              "--seed", str(args.seed)]
+    stage2 = prepare_stage2(output, args.config, args.nproc, args.seed, args.data_seed,
+                            args.dense_iters, extra)
+    data_dir = stage2["data_dir"]
     table: dict[str, dict[str, object]] = {}
+    results = evaluate(args.nproc, "dense", stage2["dense_dir"], stage2["dense_flags"], data_dir)
+    table["dense (stage II)"] = summarise(stage2["dense_dir"], results, stage2["seconds"])
 
-    dense_dir = os.path.join(output, "dense")
-    dense_flags = run_flags_for(common, dense_dir, extra + DENSE + [
-        "--train-iters", str(args.dense_iters)])
-    seconds = torchrun(args.nproc, ["train"] + dense_flags, os.path.join(dense_dir, "train.out"))
-    pretrained = os.path.join(dense_dir, "pretrained")
-    torchrun(1, ["export", "--output", pretrained] + dense_flags,
-             os.path.join(dense_dir, "export.out"))
-    results = evaluate(args.nproc, "dense", dense_dir, dense_flags, data_dir)
-    table["dense (stage II)"] = summarise(dense_dir, results, seconds)
-
+    run_dirs = []
     for name in args.runs.split(","):
         run_dir = os.path.join(output, name)
-        run_flags = run_flags_for(common, run_dir, STAGE3 + [
-            "--pretrained-checkpoint", pretrained, "--train-iters", str(args.stage3_iters)]
-            + RUNS[name] + extra)
+        run_flags = stage3_flags(stage2["common"], stage2["pretrained"], args.stage3_iters,
+                                 run_dir, RUNS[name] + extra)
         seconds = torchrun(args.nproc, ["train"] + run_flags, os.path.join(run_dir, "train.out"))
         results = evaluate(args.nproc, name, run_dir, run_flags, data_dir)
         table[f"{name} (stage III)"] = summarise(run_dir, results, seconds)
+        run_dirs.append(run_dir)
 
     labels = list(dict.fromkeys(label for row in table.values() for label in row))
     rows = [(label, {name: table[name].get(label, "n/a") for name in table}) for label in labels]
     rows.append(("seeds", {name: f"train {args.seed}, data {args.data_seed}" for name in table}))
     text = format_table(rows, list(table))
+    plots = write_plots(run_dirs, os.path.join(output, "plots"))
     text += (f"\n(stage II {args.dense_iters} steps dense; stage III {args.stage3_iters} steps from "
-             f"it, upcycled, MoE layers only; total wall time {time.perf_counter() - start:.0f} s)\n")
+             f"it, upcycled, MoE layers only; one seed ({args.seed}): the spread over seeds is in "
+             f"docs/STUDY.md (tools/study.py); total wall time "
+             f"{time.perf_counter() - start:.0f} s)\n")
+    if plots:
+        text += "plots: " + ", ".join(os.path.relpath(p, output) for p in plots) + "\n"
     print("\n" + text, flush=True)
     with open(os.path.join(output, "comparison.txt"), "w") as f:
         f.write(text)
     with open(os.path.join(output, "comparison.json"), "w") as f:
         json.dump({"runs": table, "seed": args.seed, "data_seed": args.data_seed,
-                   "dense_iters": args.dense_iters, "stage3_iters": args.stage3_iters}, f,
-                  indent=2)
+                   "dense_iters": args.dense_iters, "stage3_iters": args.stage3_iters,
+                   "plots": plots}, f, indent=2)
     return 0
 
 

@@ -56,6 +56,9 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_pad_multiple(config: RunConfig, options: EvalOptions) -> int:
+    """What every decoding step's sequence length is padded to a multiple of: 16 under FP8
+    (Transformer Engine's GEMMs), times the TP size under sequence parallelism (the sequence
+    is split over the TP ranks); --eval-pad-to-multiple overrides."""
     if options.eval_pad_to_multiple is not None:
         if options.eval_pad_to_multiple < 1:
             from megatron_stgc.config import ConfigError
@@ -63,7 +66,12 @@ def eval_pad_multiple(config: RunConfig, options: EvalOptions) -> int:
             raise ConfigError(f"--eval-pad-to-multiple must be >= 1, got "
                               f"{options.eval_pad_to_multiple}")
         return options.eval_pad_to_multiple
-    return 16 if config.precision.fp8_format else 1
+    from megatron_stgc.model.gpt import transformer_config_kwargs
+
+    multiple = 16 if config.precision.fp8_format else 1
+    if transformer_config_kwargs(config)["sequence_parallel"]:
+        multiple = math.lcm(multiple, config.parallel.tensor_model_parallel_size)
+    return multiple
 
 
 def read_questions(path: str) -> list[dict]:

@@ -143,9 +143,18 @@ def attach_capture_hooks(
         handles.append(module.register_forward_hook(hook))
         if reuse_weight_grads and slot != -1:
             handles.append(module.weight.register_hook(in_backward.param_hook(slot, name, "weight_grad")))
-            if getattr(module, "bias", None) is not None:
+            if _trainable_bias(module) is not None:
                 handles.append(module.bias.register_hook(in_backward.param_hook(slot, name, "bias_grad")))
     return handles
+
+
+def _trainable_bias(module: torch.nn.Module):
+    """The linear's bias parameter, or None (TE linears built without bias hold an empty
+    tensor that does not require grad)."""
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.nn.Parameter) and bias.requires_grad and bias.numel() > 0:
+        return bias
+    return None
 
 
 class _BackwardCapture:
@@ -195,8 +204,11 @@ def iter_expert_linears(experts: torch.nn.Module):
 
 
 def expert_linear_has_bias(experts: torch.nn.Module) -> dict[str, bool]:
+    """{linear name: has a bias}. TE's grouped linear keeps one bias per expert (bias0, ...)."""
     biases = {}
     for _, name, module in iter_expert_linears(experts):
         bias = getattr(module, "bias", None)
+        if bias is None:
+            bias = getattr(module, "bias0", None)
         biases[name] = isinstance(bias, torch.Tensor) and bias.numel() > 0
     return biases

@@ -91,3 +91,8 @@ class STGCConfig:
 
     def layer_set(self, num_layers: int) -> frozenset[int]:
         return parse_layer_ranges(self.layers, num_layers)
+
+    @property
+    def layers_named(self) -> bool:
+        """True when --stgc-layers names layers (not absent, not "all"): each must be MoE."""
+        return self.layers is not None and self.layers.strip().lower() != "all"

@@ -49,6 +49,13 @@ def check_supported(config) -> None:
             raise ValueError(f"STGC does not support {name} ({reason})")
     if config.expert_tensor_parallel_size not in (None, 1):
         raise ValueError("STGC supports --expert-tensor-parallel-size 1 only")
+    if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+        raise ValueError(f"STGC supports the alltoall and allgather token dispatchers, not "
+                         f"{config.moe_token_dispatcher_type!r} (--moe-token-dispatcher-type)")
+    if getattr(config, "enable_cuda_graph", False) or \
+            getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
+        raise ValueError("STGC does not support CUDA graphs (its hooks would run only while "
+                         "the graph is captured)")
     if getattr(config, "context_parallel_size", 1) != 1:
         raise ValueError("STGC is not tested with context parallelism (context_parallel_size > 1)")
 

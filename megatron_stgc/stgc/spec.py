@@ -79,7 +79,7 @@ def apply_stgc(block_spec, transformer_config, stgc_config: STGCConfig, layer_of
             attached.append(index)
         elif index in selected and index in expected_moe:
             unreadable.append((index, describe_spec(layer_mlp_spec(layer_spec))))
-        elif index in selected and stgc_config.layers is not None:
+        elif index in selected and stgc_config.layers_named:
             raise STGCAttachError(f"--stgc-layers names layer {index}, which is not a MoE layer")
         new_specs.append(layer_spec)
     if unreadable:

@@ -19,9 +19,16 @@ from megatron_stgc.config import ConfigError, RunConfig
 
 
 def model_state_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full tensors of every parameter and buffer (megatron's ``_extra_state`` left out)."""
-    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()
-            if not key.endswith("_extra_state") and isinstance(value, torch.Tensor)}
+    """Full tensors of every parameter and buffer (megatron's ``_extra_state`` left out),
+    keyed ``<part>.<name>`` by ``model_parts`` (a text GPT is the ``language_model`` part)."""
+    from megatron_stgc.model.llava import model_parts
+
+    state = {}
+    for part, module in model_parts(model).items():
+        for key, value in module.state_dict().items():
+            if not key.endswith("_extra_state") and isinstance(value, torch.Tensor):
+                state[f"{part}.{key}"] = value.detach().cpu().clone()
+    return state
 
 
 def run_export(config: RunConfig, output: str) -> str:

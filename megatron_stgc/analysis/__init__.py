@@ -1,0 +1,1 @@
+"""Reading training logs after the fact: plots of the paper's analysis figures."""

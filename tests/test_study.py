@@ -1,0 +1,54 @@
+"""tools/study.py on a 2-point x 2-seed grid with a few steps each (real torchrun jobs on the
+digits mix, one process each to keep it short): runs.csv has one row per (point, seed), summary.csv one per point with the paired
+difference to the baseline, a PNG is written, and a second call re-runs nothing."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(REPO, "tools", "study.py")
+
+
+def _study(out, *extra):
+    command = [sys.executable, STUDY, "--output", str(out), "--seeds", "1,2", "--betas", "1.0",
+               "--dense-iters", "3", "--stage3-iters", "3", "--eval-limit", "10", "--nproc", "1",
+               *extra, "--", "--log-interval", "1", "--vision-num-layers", "1", "--num-layers",
+               "2", "--expert-model-parallel-size", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_grid_writes_csvs_png_and_resumes_without_rerunning(tmp_path):
+    out = tmp_path / "study"
+    first = _study(out)
+    rows = _rows(out / "runs.csv")
+    assert [(r["point"], r["seed"]) for r in rows] == [
+        ("baseline", "1"), ("beta1.0_tau0_layersall", "1"),
+        ("baseline", "2"), ("beta1.0_tau0_layersall", "2")]
+    assert all(r["ran_now"] == "True" for r in rows)
+    assert all(0.0 <= float(r["acc_overall"]) <= 100.0 for r in rows)
+    assert all(r["conflict_fraction"] for r in rows)  # measured on the baseline too (beta 0)
+    summary = _rows(out / "summary.csv")
+    assert [s["point"] for s in summary] == ["baseline", "beta1.0_tau0_layersall"]
+    assert summary[1]["acc_overall_diff"] != "" and summary[0]["seeds"] == "2"
+    assert os.path.getsize(out / "study.png") > 10_000
+    assert "[4/4]" in first and "runs (4 run now)" in first
+
+    trained = os.path.getmtime(out / "runs" / "baseline" / "seed1" / "train.out")
+    second = _study(out)
+    assert all(r["ran_now"] == "False" for r in _rows(out / "runs.csv"))
+    assert "runs (0 run now)" in second and "stage II reused" in second
+    assert os.path.getmtime(out / "runs" / "baseline" / "seed1" / "train.out") == trained
