@@ -2,7 +2,9 @@
 digits mix, one process each to keep it short): runs.csv has one row per (point, seed), summary.csv one per point with the paired
 difference to the baseline, a PNG is written, and a second call re-runs nothing."""
 
+import argparse
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -52,3 +54,25 @@ def test_study_grid_writes_csvs_png_and_resumes_without_rerunning(tmp_path):
     assert all(r["ran_now"] == "False" for r in _rows(out / "runs.csv"))
     assert "runs (0 run now)" in second and "stage II reused" in second
     assert os.path.getmtime(out / "runs" / "baseline" / "seed1" / "train.out") == trained
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_extra_points_change_one_axis_from_the_grids_first_values():
+    tool = _load_tool()
+    args = argparse.Namespace(betas="0.1,1.0", taus="0", layers="all", estimators="exact",
+                              normalizations="pairs", extra_points="beta=1.0,tau=-0.1;layers=2")
+    points = tool.grid_points(args)
+    assert list(points) == ["baseline", "beta0.1_tau0_layersall", "beta1.0_tau0_layersall",
+                            "beta1.0_tau-0.1_layersall", "beta0.1_tau0_layers2"]
+    flags = points["beta1.0_tau-0.1_layersall"]
+    assert flags[flags.index("--stgc-tau") + 1] == "-0.1"
+    assert flags[flags.index("--stgc-beta") + 1] == "1.0"
+    args.extra_points = "gamma=2"
+    with pytest.raises(SystemExit, match="unknown axis 'gamma'"):
+        tool.grid_points(args)

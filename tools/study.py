@@ -10,7 +10,9 @@ torchrun launch as the main job (tools/digits_main_job.py). The baseline is ``--
         --betas 0.1,0.3,1.0 --taus 0,-0.1 --layers all,2
 
 Grid axes (comma lists; every combination is a point): --betas, --taus, --layers
-(``--stgc-layers`` values; ``all`` = every MoE layer), --estimators, --normalizations.
+(``--stgc-layers`` values; ``all`` = every MoE layer), --estimators, --normalizations; and
+single points beside the grid with --extra-points 'tau=-0.1;layers=2' (one-factor changes
+from the grid's first values).
 Writes OUTPUT/runs.csv (one row per run), OUTPUT/summary.csv (per point: mean and standard
 deviation over seeds of every accuracy, and the seed-paired difference to the baseline with a
 95% t-interval), OUTPUT/study.png and OUTPUT/summary.txt. Progress (runs done, time left) on
@@ -39,20 +41,38 @@ BASELINE = "baseline"
 CATEGORIES = ("digit", "even", "greater_than_four", "plus_one", "text", "overall")
 
 
+AXES = ("beta", "tau", "layers", "estimator", "normalization")
+
+
+def _point(beta, tau, layers, estimator, normalization) -> tuple[str, list[str]]:
+    name = f"beta{beta}_tau{tau}_layers{layers.replace(',', '+')}"
+    if estimator != "exact":
+        name += f"_{estimator}"
+    if normalization != "pairs":
+        name += f"_norm{normalization}"
+    return name, ["--stgc", "--stgc-beta", beta, "--stgc-tau", tau, "--stgc-layers", layers,
+                  "--stgc-estimator", estimator, "--stgc-normalization", normalization]
+
+
 def grid_points(args) -> dict[str, list[str]]:
-    """{point name: stage III flags}; the baseline first."""
+    """{point name: stage III flags}: the baseline, every combination of the axes, then the
+    --extra-points (each axis not named there takes the first value of its list)."""
     points = {BASELINE: ["--stgc", "--stgc-beta", "0"]}
-    axes = itertools.product(args.betas.split(","), args.taus.split(","), args.layers.split(","),
-                             args.estimators.split(","), args.normalizations.split(","))
-    for beta, tau, layers, estimator, normalization in axes:
-        name = f"beta{beta}_tau{tau}_layers{layers.replace(',', '+')}"
-        if estimator != "exact":
-            name += f"_{estimator}"
-        if normalization != "pairs":
-            name += f"_norm{normalization}"
-        points[name] = ["--stgc", "--stgc-beta", beta, "--stgc-tau", tau,
-                        "--stgc-layers", layers, "--stgc-estimator", estimator,
-                        "--stgc-normalization", normalization]
+    lists = [args.betas.split(","), args.taus.split(","), args.layers.split(","),
+             args.estimators.split(","), args.normalizations.split(",")]
+    for values in itertools.product(*lists):
+        name, flags = _point(*values)
+        points[name] = flags
+    for spec in filter(None, (args.extra_points or "").split(";")):
+        values = dict(zip(AXES, (axis[0] for axis in lists)))
+        for item in spec.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in values:
+                raise SystemExit(f"--extra-points: unknown axis {key!r} in {spec!r}; "
+                                 f"axes: {', '.join(AXES)}")
+            values[key.strip()] = value.strip()
+        name, flags = _point(*(values[axis] for axis in AXES))
+        points[name] = flags
     return points
 
 
@@ -206,6 +226,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="all", help="--stgc-layers values, ';'-free")
     parser.add_argument("--estimators", default="exact")
     parser.add_argument("--normalizations", default="pairs")
+    parser.add_argument("--extra-points", default=None,
+                        help="points beside the grid, ';'-separated, e.g. "
+                             "'tau=-0.1;layers=2' (other axes: the first value of their list)")
     parser.add_argument("--dense-iters", type=int, default=400)
     parser.add_argument("--stage3-iters", type=int, default=300)
     parser.add_argument("--eval-limit", type=int, default=None,
