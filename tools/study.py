@@ -13,9 +13,11 @@ Grid axes (comma lists; every combination is a point): --betas, --taus, --layers
 (``--stgc-layers`` values; ``all`` = every MoE layer), --estimators, --normalizations; and
 single points beside the grid with --extra-points 'tau=-0.1;layers=2' (one-factor changes
 from the grid's first values).
-Writes OUTPUT/runs.csv (one row per run), OUTPUT/summary.csv (per point: mean and standard
-deviation over seeds of every accuracy, and the seed-paired difference to the baseline with a
-95% t-interval), OUTPUT/study.png and OUTPUT/summary.txt. Progress (runs done, time left) on
+Writes OUTPUT/runs.csv (one row per run: accuracy per question type, and over the last 20
+steps the loss, conflict fraction, routing score of conflicting pairs, gradient consistency
+and the expert-load imbalance of image and text tokens: std/mean of tokens per expert),
+OUTPUT/summary.csv (per point: mean and standard deviation over seeds of each of these, and
+for accuracies the seed-paired difference to the baseline with a 95% t-interval), OUTPUT/study.png and OUTPUT/summary.txt. Progress (runs done, time left) on
 the console. A second call resumes: finished runs (their results.json exists) are not rerun,
 an interrupted one resumes from its checkpoint.
 """
@@ -81,6 +83,20 @@ def _last_mean(records: list[dict], key: str):
     return sum(values) / len(values) if values else None
 
 
+def _load_cv(records: list[dict], modality: str):
+    """Expert imbalance of one modality's tokens over the last steps: the coefficient of
+    variation (std / mean) of tokens per expert, averaged over the MoE layers; 0 = even."""
+    totals: dict[str, list[float]] = {}
+    for record in records[-job.LAST_STEPS:]:
+        for layer, counts in (record.get("tokens_per_expert_by_modality") or {}).items():
+            row = totals.setdefault(layer, [0.0] * len(counts[modality]))
+            for expert, count in enumerate(counts[modality]):
+                row[expert] += count
+    cvs = [statistics.pstdev(row) / statistics.fmean(row) for row in totals.values()
+           if sum(row) > 0]
+    return statistics.fmean(cvs) if cvs else None
+
+
 def run_point(args, stage2: dict, point: str, flags: list[str], seed: int) -> dict:
     """Train + eval one (point, seed) unless its results exist; its row for runs.csv."""
     run_dir = os.path.join(args.output, "runs", point, f"seed{seed}")
@@ -106,6 +122,8 @@ def run_point(args, stage2: dict, point: str, flags: list[str], seed: int) -> di
     row["final_loss"] = _last_mean(records, "loss")
     for key in ("conflict_fraction", "conflict_routing_score", "gradient_consistency"):
         row[key] = _last_mean(records, f"stgc/{key}")
+    row["image_load_cv"] = _load_cv(records, "image")
+    row["text_load_cv"] = _load_cv(records, "text")
     with open(os.path.join(run_dir, "train_seconds")) as f:
         row["train_seconds"] = float(f.read())
     row["ran_now"] = seconds is not None
@@ -131,8 +149,9 @@ def summarise(rows: list[dict], points: list[str]) -> list[dict]:
     for point in points:
         runs = by_point[point]
         line = {"point": point, "seeds": len(runs)}
-        for key in [f"acc_{c}" for c in CATEGORIES] + ["final_loss", "conflict_fraction",
-                                                       "conflict_routing_score"]:
+        for key in [f"acc_{c}" for c in CATEGORIES] + [
+                "final_loss", "conflict_fraction", "conflict_routing_score",
+                "gradient_consistency", "image_load_cv", "text_load_cv"]:
             values = [r[key] for r in runs.values() if r[key] is not None]
             line[f"{key}_mean"] = statistics.fmean(values) if values else None
             line[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -161,7 +180,7 @@ def summary_text(summary: list[dict]) -> str:
             else f"{value:6.{digits}f}"
 
     lines = [f"{'point':36s} seeds  overall acc (mean +- std)   paired diff to baseline "
-             "[95% CI]   conflict fraction"]
+             "[95% CI]   conflict fraction  image-load CV"]
     for line in summary:
         diff = ""
         if "acc_overall_diff" in line:
@@ -169,7 +188,8 @@ def summary_text(summary: list[dict]) -> str:
                     f"{fmt(line['acc_overall_diff_high'])}]")
         lines.append(f"{line['point']:36s} {line['seeds']:5d}  {fmt(line['acc_overall_mean'])} +- "
                      f"{fmt(line['acc_overall_std'])}          {diff:30s} "
-                     f"{fmt(line['conflict_fraction_mean'], 3)}")
+                     f"{fmt(line['conflict_fraction_mean'], 3)}      "
+                     f"{fmt(line['image_load_cv_mean'], 3)}")
     return "\n".join(lines)
 
 
