@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark STGC against plain megatron-core MoE: whole training steps, one run.
 
-Runs on `--ep` gloo processes (expert parallel), builds every variant with the
+Runs on `--world-size` gloo processes (expert parallel), builds every variant with the
 same initial weights, and interleaves them over `--reps` repetitions of a full
 training step (forward, backward, optimizer) on the same synthetic batches:
 
@@ -14,6 +14,19 @@ training step (forward, backward, optimizer) on the same synthetic batches:
 
 Prints median step-time and peak-memory ratios against plain, and the lowrank
 estimator's agreement with the exact conflict flags, and writes them to --output.
+
+Layout: --world-size processes (default: --expert-model-parallel-size), so expert-DP =
+world / EP; --micro-batches per step (gradient accumulation). STGC's expert all-reduce only
+costs something at expert-DP > 1: e.g. --world-size 4 --expert-model-parallel-size 2
+--micro-batches 2.
+
+Communication: after the timed steps, one more step per variant runs under the collective
+counter (megatron_stgc/analysis/comm_count.py), which reads every c10d call's tensors and
+process group. The report gives rank 0's bytes per step by collective kind and group, STGC's
+extra bytes over plain, their ratio to plain's gradient reduction (all-reduce and
+reduce-scatter on the DP and expert-DP groups), the same extra predicted from parameter
+counts (megatron_stgc/stgc/comm_cost.py), and that formula applied to the paper's
+StableLM-1.6B layout.
 
 Peak memory on CPU: each step starts after malloc_trim(0) with the kernel's
 peak-RSS counter reset (/proc/self/clear_refs = 5); peak = VmHWM during the step.
@@ -56,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--expert-model-parallel-size", type=int, default=2)
+    p.add_argument("--world-size", type=int, default=None,
+                   help="processes (default: the EP size); expert-DP = world / EP")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro-batches per step per rank (gradient accumulation)")
     p.add_argument("--stgc-estimator-rank", default="64",
                    help="comma-separated ranks of the lowrank estimator to compare")
     p.add_argument("--reps", type=int, default=5)
@@ -63,6 +80,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.lowrank_ranks = [int(r) for r in str(args.stgc_estimator_rank).split(",")]
     args.variants = BASE_VARIANTS + tuple(f"lowrank-{r}" for r in args.lowrank_ranks)
+    args.world_size = args.world_size or args.expert_model_parallel_size
+    if args.world_size % args.expert_model_parallel_size:
+        p.error(f"--world-size {args.world_size} is not a multiple of "
+                f"--expert-model-parallel-size {args.expert_model_parallel_size}")
     if args.quick:
         args.hidden_size, args.moe_ffn_hidden_size, args.seq_length = 256, 704, 256
         args.micro_batch_size, args.reps = 2, 3
@@ -136,7 +157,7 @@ def _run_config(args, variant):
     config.parallel.expert_model_parallel_size = args.expert_model_parallel_size
     t = config.training
     t.micro_batch_size = args.micro_batch_size
-    t.global_batch_size = args.micro_batch_size * args.expert_model_parallel_size
+    t.global_batch_size = args.micro_batch_size * args.world_size * args.micro_batches
     t.train_iters, t.lr_warmup_fraction, t.lr = 1000, 0.0, 1e-4
     if variant != "plain":
         config.stgc.enabled = True
@@ -150,28 +171,63 @@ def _run_config(args, variant):
 
 
 def _batches(args, vocab, seed, count):
+    """``count`` steps, each a list of --micro-batches micro-batches."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
-        tokens = torch.randint(0, vocab, (args.micro_batch_size, args.seq_length), generator=gen)
-        out.append({
-            "tokens": tokens,
-            "labels": torch.roll(tokens, -1, dims=1),
-            "loss_mask": torch.ones_like(tokens, dtype=torch.float32),
-            "position_ids": torch.arange(args.seq_length).expand_as(tokens),
-        })
+        step = []
+        for _ in range(args.micro_batches):
+            tokens = torch.randint(0, vocab, (args.micro_batch_size, args.seq_length),
+                                   generator=gen)
+            step.append({
+                "tokens": tokens,
+                "labels": torch.roll(tokens, -1, dims=1),
+                "loss_mask": torch.ones_like(tokens, dtype=torch.float32),
+                "position_ids": torch.arange(args.seq_length).expand_as(tokens),
+            })
+        out.append(step)
     return out
 
 
-def _step(objects, variant, batch, args):
+def _step(objects, variant, step_batches, args):
     from megatron_stgc.stgc.two_pass import two_pass_train_step
     from megatron_stgc.training.step import train_step
 
     kwargs = dict(optimizer=objects.optimizer, scheduler=objects.scheduler,
                   micro_batch_size=args.micro_batch_size, seq_length=args.seq_length)
+    count = len(step_batches)
     if variant == "two-pass":
-        return two_pass_train_step(train_step, objects.model, iter([batch]), 1, **kwargs)
-    return train_step(objects.model, data_iterator=iter([batch]), num_microbatches=1, **kwargs)
+        return two_pass_train_step(train_step, objects.model, iter(step_batches), count, **kwargs)
+    return train_step(objects.model, data_iterator=iter(step_batches), num_microbatches=count,
+                      **kwargs)
+
+
+def _count_bytes(built, variant, step_batches, args) -> list[dict]:
+    """One step of ``variant`` under the collective counter, from plain's weights (same
+    routing, so the dispatcher's all-to-all volumes match): rank-local rows."""
+    from megatron_stgc.analysis.comm_count import CollectiveCounter, megatron_group_names
+
+    built[variant].unwrapped_model.load_state_dict(built["plain"].unwrapped_model.state_dict())
+    dist.barrier()
+    with CollectiveCounter(megatron_group_names()) as counter:
+        _step(built[variant], variant, step_batches, args)
+    _sync()
+    return counter.rows()
+
+
+def _predicted_stgc_payload(objects, args) -> int:
+    """STGC's extra expert-DP payload per step from this rank's parameter counts."""
+    from megatron_stgc.stgc.attached import stgc_layers
+    from megatron_stgc.stgc.comm_cost import stgc_payload_per_micro_batch
+
+    if args.world_size // args.expert_model_parallel_size < 2:
+        return 0
+    per_layer = []  # the formula needs each layer's sum and count of local experts only
+    for layer in stgc_layers(objects.model):
+        params = sum(p.numel() for p in layer.experts.parameters())
+        local = layer.num_local_experts
+        per_layer.append([params // local] * (local - 1) + [params - params // local * (local - 1)])
+    return args.micro_batches * stgc_payload_per_micro_batch(per_layer)
 
 
 def _estimator_agreement(built, variant, batch, args):
@@ -186,8 +242,8 @@ def _estimator_agreement(built, variant, batch, args):
     for name, objects in (("exact", exact), ("estimate", estimate)):
         for chunk in objects.model:
             chunk.zero_grad_buffer()
-        get_forward_backward_func()(forward_step_func=gpt_forward_step, data_iterator=iter([batch]),
-                                    model=objects.model, num_microbatches=1,
+        get_forward_backward_func()(forward_step_func=gpt_forward_step, data_iterator=iter(batch),
+                                    model=objects.model, num_microbatches=len(batch),
                                     seq_length=args.seq_length,
                                     micro_batch_size=args.micro_batch_size, forward_only=False)
         flags[name] = [(l.stgc.last.conflicts, ~torch.isnan(l.stgc.last.cos)) for l in stgc_layers(objects.model)]
@@ -207,7 +263,7 @@ def _estimator_agreement(built, variant, batch, args):
 
 def rank_main(rank, args, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(args.expert_model_parallel_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(args.world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from megatron_stgc import cpu_bridge
 
@@ -246,6 +302,8 @@ def rank_main(rank, args, port):
                 print(f"rep {rep} {variant:12s} {elapsed:7.2f}s", flush=True)
     agreement = {v: _estimator_agreement(built, v, batches[0], args)
                  for v in args.variants if v.startswith("lowrank-") or v == "fc2"}
+    comm = {v: _count_bytes(built, v, batches[1 % len(batches)], args) for v in args.variants}
+    predicted = _predicted_stgc_payload(built["single-pass"], args)
     state = _model_state_bytes(built["plain"].unwrapped_model)
     from megatron_stgc.parallel import collective_device
 
@@ -255,22 +313,81 @@ def rank_main(rank, args, port):
     dist.all_reduce(summary, op=dist.ReduceOp.MAX)  # the slowest / largest rank counts
     summary = summary.cpu()
     if rank == 0:
-        _report(args, summary, state, agreement)
+        _report(args, summary, state, agreement, comm, predicted)
     dist.destroy_process_group()
 
 
-def _report(args, summary, state, agreement):
+def _comm_lines(args, comm, predicted) -> tuple[list[str], dict]:
+    """Bytes per step (rank 0) per variant; STGC's extra over plain; the formula check."""
+    from megatron_stgc.stgc.comm_cost import PaperLayout
+
+    def by_key(rows, key):
+        return {(r["kind"], r["group"]): r[key] for r in rows}
+
+    def grad_total(rows, key):  # DDP's reduction: dense over dp_cp, experts over expert_dp
+        return sum(r[key] for r in rows if r["kind"] in ("all_reduce", "reduce_scatter")
+                   and r["group"] in ("dp", "dp_cp", "expert_dp"))
+
+    plain_wire, plain_payload = grad_total(comm["plain"], "wire"), grad_total(comm["plain"],
+                                                                              "payload")
+    expert_dp = args.world_size // args.expert_model_parallel_size
+    lines = [f"# communication: bytes sent per step by rank 0 (wire: ring algorithm; payload: "
+             f"tensors handed to the collective); world {args.world_size}, expert-DP "
+             f"{expert_dp}, {args.micro_batches} micro-batch(es); every variant counted from "
+             f"plain's weights",
+             "plain: " + ", ".join(f"{r['kind']}@{r['group']} {r['calls']}x "
+                                   f"{r['wire'] / 2**20:.2f} MiB" for r in comm["plain"]),
+             f"plain gradient reduction (all-reduce/reduce-scatter on dp_cp and expert_dp, small "
+             f"loss/metric reductions included): {plain_wire / 2**20:.2f} MiB wire, "
+             f"{plain_payload / 2**20:.2f} MiB payload"]
+    summary = {"plain_grad_wire": plain_wire, "plain_grad_payload": plain_payload,
+               "variants": {}}
+    base_wire, base_payload = by_key(comm["plain"], "wire"), by_key(comm["plain"], "payload")
+    for variant in args.variants[1:]:
+        wire, payload = by_key(comm[variant], "wire"), by_key(comm[variant], "payload")
+        extra = {key: (wire.get(key, 0) - base_wire.get(key, 0),
+                       payload.get(key, 0) - base_payload.get(key, 0))
+                 for key in set(wire) | set(base_wire)}
+        extra = {key: value for key, value in extra.items() if value != (0, 0)}
+        extra_wire = sum(w for w, _ in extra.values())
+        ratio = extra_wire / plain_wire if plain_wire else float("nan")
+        parts = ", ".join(f"{kind}@{group} {w / 2**20:+.2f} MiB"
+                          for (kind, group), (w, _) in sorted(extra.items()))
+        lines.append(f"{variant:12s} extra {extra_wire / 2**20:8.2f} MiB wire per step = "
+                     f"{ratio:5.2f}x plain's gradient reduction ({parts or 'none'})")
+        summary["variants"][variant] = {
+            "extra_wire": extra_wire, "ratio_to_plain_grad_wire": ratio,
+            "extra_by_kind_group": {f"{k}@{g}": v for (k, g), v in extra.items()}}
+    counted = summary["variants"].get("single-pass", {}).get(
+        "extra_by_kind_group", {}).get("all_reduce@expert_dp", (0, 0))[1]
+    lines.append(f"formula check (single-pass): STGC's expert-DP all-reduce payload predicted "
+                 f"from parameter counts {predicted} B per step, counted {counted} B")
+    summary.update(predicted_stgc_payload=predicted, counted_stgc_payload=counted, rows=comm)
+    for layout in (PaperLayout(), PaperLayout(grad_bytes=2)):
+        paper = layout.figures()
+        lines.append(f"paper layout ({layout.describe()}), per GPU per step: STGC exact "
+                     f"{paper['stgc_payload_per_step'] / 1e9:.2f} GB payload "
+                     f"({paper['stgc_wire_per_step'] / 1e9:.2f} GB wire), DDP "
+                     f"{paper['ddp_payload_per_step'] / 1e9:.2f} GB "
+                     f"({paper['ddp_wire_per_step'] / 1e9:.2f} GB wire): "
+                     f"{paper['wire_ratio']:.2f}x by wire")
+        summary.setdefault("paper", []).append({"layout": layout.describe(), **paper})
+    return lines, summary
+
+
+def _report(args, summary, state, agreement, comm, predicted):
     base_time, base_peak = float(summary[0, 0]), state + float(summary[0, 1])
     if _on_gpu():
         machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                   f"{args.expert_model_parallel_size} NCCL process(es)")
+                   f"{args.world_size} NCCL process(es)")
     else:
         machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"{args.expert_model_parallel_size} gloo processes x 1 thread")
+                   f"{args.world_size} gloo processes x 1 thread")
     lines = [
         f"# bench_stgc: {args.num_layers} MoE layers, hidden {args.hidden_size}, expert FFN "
         f"{args.moe_ffn_hidden_size}, {args.num_experts} experts top-{args.moe_router_topk}, "
-        f"seq {args.seq_length} x {args.micro_batch_size} per rank, EP={args.expert_model_parallel_size}, "
+        f"seq {args.seq_length} x {args.micro_batch_size} x {args.micro_batches} micro-batches per rank, "
+        f"world {args.world_size}, EP={args.expert_model_parallel_size}, "
         f"median of {args.reps} interleaved steps",
         f"# machine: {machine}",
         f"{'plain':12s} {base_time:6.3f}s/step   (peak {base_peak / 2**20:7.1f} MiB)",
@@ -288,13 +405,15 @@ def _report(args, summary, state, agreement):
                      f"agree; {100 * agree['recall']:.1f}% of exact conflicts found, "
                      f"{100 * agree['precision']:.1f}% of its flags right (exact conflict "
                      f"fraction {100 * agree['conflict_fraction']:.1f}%)")
+    comm_lines, comm_summary = _comm_lines(args, comm, predicted)
+    lines += comm_lines
     text = "\n".join(lines)
     print(text, flush=True)
     with open(args.output, "w") as f:
         f.write(text + "\n")
     with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
         json.dump({"args": vars(args), "median_step_s": dict(zip(args.variants, summary[:, 0].tolist())),
-                   "agreement": agreement}, f, indent=2)
+                   "agreement": agreement, "communication": comm_summary}, f, indent=2)
 
 
 def main(argv=None):
@@ -304,10 +423,10 @@ def main(argv=None):
     args = parse_args(argv)
     from megatron_stgc.parallel import _free_port
 
-    if torch.cuda.is_available() and args.expert_model_parallel_size > torch.cuda.device_count():
-        sys.exit(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs that many "
-                 f"GPUs (NCCL: one process per GPU); this machine has {torch.cuda.device_count()}")
-    mp.spawn(rank_main, args=(args, _free_port()), nprocs=args.expert_model_parallel_size, join=True)
+    if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
+        sys.exit(f"--world-size {args.world_size} needs that many GPUs (NCCL: one process per "
+                 f"GPU); this machine has {torch.cuda.device_count()}")
+    mp.spawn(rank_main, args=(args, _free_port()), nprocs=args.world_size, join=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The collective counter against hand-computed bytes, on 4 real gloo ranks with megatron's
+process groups (EP 2 -> expert-DP 2), and STGC's counted expert-DP all-reduce against the
+parameter-count formula (stgc/comm_cost.py) in a real training step with 2 micro-batches."""
+
+import torch
+import torch.distributed as dist
+
+from dist_utils import build_tiny, rank_micro_batches, run_on_ranks, synthetic_global_batch, \
+    tiny_config
+
+WORLD = 4
+
+
+def _hand_counted(rank, world_size):
+    from megatron.core import parallel_state
+
+    from megatron_stgc.analysis.comm_count import CollectiveCounter, megatron_group_names
+    from megatron_stgc.parallel import initialize_model_parallel
+
+    initialize_model_parallel(1, 2, seed=1)
+    expert_dp = parallel_state.get_expert_data_parallel_group()
+    ep = parallel_state.get_expert_model_parallel_group()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    all_reduce = dist.all_reduce  # a reference taken before counting starts is still seen
+    with CollectiveCounter(megatron_group_names()) as counter:
+        all_reduce(torch.ones(1000), group=expert_dp)  # 4000 B fp32
+        rows_out = [3, 5] if ep_rank == 0 else [2, 6]  # rows to EP rank 0 and 1
+        rows_in = [3, 2] if ep_rank == 0 else [5, 6]
+        sent = torch.ones(sum(rows_out), 8, dtype=torch.bfloat16)  # 16 B per row
+        received = torch.empty(sum(rows_in), 8, dtype=torch.bfloat16)
+        dist.all_to_all_single(received, sent, rows_in, rows_out, group=ep)
+        dist.all_gather_into_tensor(torch.empty(10 * world_size), torch.ones(10))
+        handle = dist.all_reduce(torch.ones(7, dtype=torch.float64), async_op=True)
+        handle.wait()
+    return {(r["kind"], r["group"]): (r["calls"], r["payload"], r["wire"])
+            for r in counter.rows()}, ep_rank
+
+
+def test_counter_matches_hand_computed_bytes():
+    for counted, ep_rank in run_on_ranks(_hand_counted, WORLD):
+        other_rows = 5 if ep_rank == 0 else 2  # rows this rank sends to the other EP rank
+        assert counted == {
+            ("all_reduce", "expert_dp"): (1, 4000, 4000),  # ring, n=2: 2(n-1)/n x 4000
+            ("all_to_all", "ep"): (1, other_rows * 16, other_rows * 16),
+            ("all_gather", "world"): (1, 40, 40 * (WORLD - 1)),
+            ("all_reduce", "world"): (1, 56, 56 * 2 * (WORLD - 1) // WORLD),
+        }
+
+
+def _stgc_step_bytes(rank, world_size, stgc):
+    from megatron_stgc.analysis.comm_count import CollectiveCounter, megatron_group_names
+    from megatron_stgc.stgc.attached import stgc_layers
+    from megatron_stgc.stgc.comm_cost import stgc_payload_per_micro_batch
+    from megatron_stgc.training.step import train_step
+
+    config = tiny_config(expert_parallel=2, global_batch_size=16, stgc=stgc)
+    objects = build_tiny(config)
+    micro = rank_micro_batches(synthetic_global_batch(16, 16), 2)  # 2 micro-batches per rank
+    with CollectiveCounter(megatron_group_names()) as counter:
+        train_step(objects.model, objects.optimizer, objects.scheduler, iter(micro), len(micro),
+                   micro_batch_size=2, seq_length=16)
+    model = objects.unwrapped_model
+    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    dense_params = sum(p.numel() for name, p in model.named_parameters()
+                       if ".experts." not in name)
+    layers = [[sum(p.numel() for p in expert.parameters()) for expert in layer.experts.local_experts]
+              for layer in stgc_layers(objects.model)]
+    predicted = len(micro) * stgc_payload_per_micro_batch(layers) if stgc else 0
+    return {"expert_dp": counter.total("all_reduce", "expert_dp", key="payload"),
+            "dp_cp": counter.total("all_reduce", "dp_cp", key="payload"),
+            "expert_params": expert_params, "dense_params": dense_params,
+            "predicted": predicted}
+
+
+def test_stgc_extra_expert_dp_bytes_match_the_parameter_formula():
+    plain = run_on_ranks(_stgc_step_bytes, WORLD, False)
+    stgc = run_on_ranks(_stgc_step_bytes, WORLD, True)
+    for plain_rank, stgc_rank in zip(plain, stgc):
+        # plain: DDP reduces fp32 gradients, dense ones over DP x CP, expert ones over expert-DP
+        assert plain_rank["expert_dp"] == 4 * plain_rank["expert_params"]
+        assert plain_rank["dp_cp"] >= 4 * plain_rank["dense_params"]
+        assert stgc_rank["predicted"] > 0
+        assert stgc_rank["expert_dp"] - plain_rank["expert_dp"] == stgc_rank["predicted"]
