@@ -37,6 +37,7 @@ sys.path.insert(0, REPO)
 
 from megatron_stgc.data.digits import build_digits_mix  # noqa: E402
 from megatron_stgc.eval.scoring import format_table  # noqa: E402
+from megatron_stgc.analysis.plots import expert_token_totals  # noqa: E402
 
 DENSE = ["--num-experts", "none", "--expert-model-parallel-size", "1"]
 STAGE3 = ["--moe-use-upcycling", "--freeze-vit", "--freeze-projection", "--freeze-lm"]
@@ -71,14 +72,8 @@ def read_log(path: str) -> list[dict]:
 
 def modality_shares(records: list[dict]) -> dict[str, str]:
     """{"layer_N image": "e0 .. e3 shares in %", ...} summed over the last steps."""
-    totals: dict[tuple[str, str], list[int]] = {}
-    for record in records:
-        for layer, by_modality in record.get("tokens_per_expert_by_modality", {}).items():
-            for modality, counts in by_modality.items():
-                row = totals.setdefault((layer, modality), [0] * len(counts))
-                totals[(layer, modality)] = [a + b for a, b in zip(row, counts)]
     shares = {}
-    for (layer, modality), counts in sorted(totals.items()):
+    for (layer, modality), counts in sorted(expert_token_totals(records).items()):
         total = max(sum(counts), 1)
         shares[f"{layer} {modality} tokens/expert %"] = " ".join(
             f"{100 * c / total:.0f}" for c in counts)

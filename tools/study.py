@@ -38,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
 
 import digits_main_job as job  # noqa: E402
+from megatron_stgc.analysis.plots import expert_token_totals  # noqa: E402
 
 BASELINE = "baseline"
 CATEGORIES = ("digit", "even", "greater_than_four", "plus_one", "text", "overall")
@@ -86,14 +87,10 @@ def _last_mean(records: list[dict], key: str):
 def _load_cv(records: list[dict], modality: str):
     """Expert imbalance of one modality's tokens over the last steps: the coefficient of
     variation (std / mean) of tokens per expert, averaged over the MoE layers; 0 = even."""
-    totals: dict[str, list[float]] = {}
-    for record in records[-job.LAST_STEPS:]:
-        for layer, counts in (record.get("tokens_per_expert_by_modality") or {}).items():
-            row = totals.setdefault(layer, [0.0] * len(counts[modality]))
-            for expert, count in enumerate(counts[modality]):
-                row[expert] += count
-    cvs = [statistics.pstdev(row) / statistics.fmean(row) for row in totals.values()
-           if sum(row) > 0]
+    totals = expert_token_totals(records[-job.LAST_STEPS:])
+    cvs = [statistics.pstdev(row) / statistics.fmean(row)
+           for (_, row_modality), row in totals.items()
+           if row_modality == modality and sum(row) > 0]
     return statistics.fmean(cvs) if cvs else None
 
 

@@ -110,13 +110,19 @@ def _consistency_figure(runs, path: str) -> bool:
     return True
 
 
+def expert_token_totals(records: list[dict]) -> dict[tuple[str, str], list[int]]:
+    """{(MoE layer, modality): tokens per expert} summed over these step records."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    for record in records:
+        for layer, by_modality in (record.get("tokens_per_expert_by_modality") or {}).items():
+            for modality, counts in by_modality.items():
+                row = totals.get((layer, modality), [0] * len(counts))
+                totals[(layer, modality)] = [a + b for a, b in zip(row, counts)]
+    return totals
+
+
 def _final_shares(records: list[dict], layer: str, modality: str) -> Optional[list[float]]:
-    counts = None
-    for record in records[-LAST_STEPS:]:
-        row = record.get("tokens_per_expert_by_modality", {}).get(layer, {}).get(modality)
-        if row is None:
-            continue
-        counts = row if counts is None else [a + b for a, b in zip(counts, row)]
+    counts = expert_token_totals(records[-LAST_STEPS:]).get((layer, modality))
     if not counts or sum(counts) == 0:
         return None
     return [100.0 * c / sum(counts) for c in counts]
