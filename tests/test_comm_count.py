@@ -63,7 +63,8 @@ def _stgc_step_bytes(rank, world_size, stgc):
     expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
     dense_params = sum(p.numel() for name, p in model.named_parameters()
                        if ".experts." not in name)
-    layers = [[sum(p.numel() for p in expert.parameters()) for expert in layer.experts.local_experts]
+    layers = [(sum(p.numel() for expert in layer.experts.local_experts
+                   for p in expert.parameters()), len(layer.experts.local_experts))
               for layer in stgc_layers(objects.model)]
     predicted = len(micro) * stgc_payload_per_micro_batch(layers) if stgc else 0
     return {"expert_dp": counter.total("all_reduce", "expert_dp", key="payload"),

@@ -222,11 +222,8 @@ def _predicted_stgc_payload(objects, args) -> int:
 
     if args.world_size // args.expert_model_parallel_size < 2:
         return 0
-    per_layer = []  # the formula needs each layer's sum and count of local experts only
-    for layer in stgc_layers(objects.model):
-        params = sum(p.numel() for p in layer.experts.parameters())
-        local = layer.num_local_experts
-        per_layer.append([params // local] * (local - 1) + [params - params // local * (local - 1)])
+    per_layer = [(sum(p.numel() for p in layer.experts.parameters()), layer.num_local_experts)
+                 for layer in stgc_layers(objects.model)]
     return args.micro_batches * stgc_payload_per_micro_batch(per_layer)
 
 

@@ -28,13 +28,13 @@ def ring_all_reduce_wire(payload: int, group_size: int) -> int:
     return payload * 2 * (group_size - 1) // group_size
 
 
-def stgc_payload_per_micro_batch(local_expert_params: list[list[int]]) -> int:
+def stgc_payload_per_micro_batch(stgc_layers: list[tuple[int, int]]) -> int:
     """STGC's expert-DP all-reduce payload for one micro-batch (expert-DP > 1).
 
-    local_expert_params: per STGC layer, per local expert, its parameter count (fc1 + fc2
-    weights and biases).
+    stgc_layers: per STGC layer, (parameters of its local experts in all: fc1 + fc2 weights
+    and biases, number of local experts).
     """
-    return sum(4 * sum(layer) + 4 * len(layer) for layer in local_expert_params)
+    return sum(4 * params + 4 * local for params, local in stgc_layers)
 
 
 def ddp_payload_per_step(trainable_params: int, grad_bytes: int) -> int:
@@ -76,7 +76,7 @@ class PaperLayout:
 
     def figures(self) -> dict[str, float]:
         local = self.experts // self.expert_parallel
-        per_layer = [[self.expert_params()] * local] * self.moe_layers
+        per_layer = [(local * self.expert_params(), local)] * self.moe_layers
         stgc = self.micro_batches * stgc_payload_per_micro_batch(per_layer)
         expert_grads = ddp_payload_per_step(self.moe_layers * local * self.expert_params(),
                                             self.grad_bytes)
