@@ -132,7 +132,8 @@ def transformer_config_from(config: RunConfig, hardware: Hardware | None = None)
 def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
     """The GPT MoE model for this rank (call after parallel.initialize_parallel)."""
     transformer_config = transformer_config_from(config)
-    specs = build_layer_specs(transformer_config, use_transformer_engine(config), config.stgc)
+    specs = build_layer_specs(transformer_config, use_transformer_engine(config), config.stgc,
+                              config.ltdr)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=specs,
