@@ -150,7 +150,20 @@ def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
     install_expert_bias_fix(model)
     if config.stgc.enabled:
         check_stgc_attached(model)
+    if config.ltdr.enabled:
+        prepare_ltdr(model)
     return model
+
+
+def prepare_ltdr(model) -> None:
+    """--ltdr must have reached a layer; its dispatchers then take variable experts/token."""
+    from megatron_stgc.ltdr.dispatch import prepare_ltdr_layers
+
+    if not prepare_ltdr_layers(model):
+        from megatron_stgc.mcore_compat import UnsupportedMegatronCore, version_note
+
+        raise UnsupportedMegatronCore(f"--ltdr: the built model has no LTDR router "
+                                      f"({version_note()})")
 
 
 def stgc_layer_indices(model) -> list[int]:
