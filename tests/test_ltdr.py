@@ -21,7 +21,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from dist_utils import run_on_ranks
 from stgc_utils import STGCConfig, init_single_process, moe_config, oracle_pair_cosines
 from megatron_stgc.ltdr.config import LTDRConfig
-from megatron_stgc.ltdr.dispatch import prepare_ltdr_layers
+from megatron_stgc.ltdr.dispatch import ltdr_layers, prepare_ltdr_layers
 from megatron_stgc.ltdr.metrics import collect_ltdr_metrics
 from megatron_stgc.ltdr.router import LTDRRouter, STGCLTDRRouter
 from megatron_stgc.ltdr.spec import ltdr_moe_spec
@@ -357,3 +357,31 @@ def test_config_errors_name_the_flag():
         LTDRConfig(enabled=True, modality_balance=False, tail_routing=False).validate()
     with pytest.raises(ValueError, match="z-loss"):
         _layer(moe_config(moe_z_loss_coeff=0.1), LTDRConfig(enabled=True))
+
+
+def test_llava_model_wires_ltdr_and_stgc():
+    """--ltdr --stgc through the model build: combined routers share the model's modality,
+    alltoall dispatchers size by the map, and a generation-style forward (no modality
+    given) routes image tokens by the mask derived from the image token id."""
+    from dist_utils import TINY_VOCAB, tiny_config
+    from megatron_stgc.training.setup import build_model
+
+    init_single_process()
+    model_parallel_cuda_manual_seed(1234)
+    config = tiny_config(ltdr=True, stgc=True, vision_model_type="clip", vision_num_layers=1,
+                         vision_hidden_size=32, vision_num_attention_heads=4, img_h=16,
+                         img_w=16, patch_dim=8, disable_vision_class_token=True)
+    image_token = TINY_VOCAB - 1
+    model, _ = build_model(config, TINY_VOCAB, image_token_id=image_token)
+    routers = [m for m in model.modules() if isinstance(m, LTDRRouter)]
+    assert len(routers) == 2 and all(isinstance(r, STGCLTDRRouter) for r in routers)
+    assert all(r.modality is model.modality for r in routers)
+    layers = list(ltdr_layers(model))
+    assert all(layer.token_dispatcher.config.moe_expert_capacity_factor for layer in layers)
+    assert all(layer.config.moe_expert_capacity_factor is None for layer in layers)
+
+    tokens = torch.randint(0, 100, (2, 16))
+    tokens[:, 1:5] = image_token  # 4 patches of 8x8 in a 16x16 image
+    with torch.no_grad():
+        model.eval()(tokens, torch.arange(16).expand(2, -1), None, images=torch.randn(2, 3, 16, 16))
+    assert routers[0].ltdr_last.is_image.sum() == 8
