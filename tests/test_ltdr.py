@@ -385,3 +385,26 @@ def test_llava_model_wires_ltdr_and_stgc():
     with torch.no_grad():
         model.eval()(tokens, torch.arange(16).expand(2, -1), None, images=torch.randn(2, 3, 16, 16))
     assert routers[0].ltdr_last.is_image.sum() == 8
+
+
+def test_activation_recompute_reuses_the_forwards_modality():
+    """moe_layer_recompute re-runs the router in the backward, after the model cleared its
+    modality: the gradients are those of the run without recompute."""
+    init_single_process()
+    seq, batch = 16, 2
+    gen = torch.Generator().manual_seed(9)
+    hidden, weights = torch.randn(seq, batch, 16, generator=gen), torch.randn(seq, batch, 16,
+                                                                              generator=gen)
+    modality = torch.where(torch.rand(seq * batch, generator=gen) < 0.5, IMAGE, TEXT)
+    grads = []
+    for recompute in (False, True):
+        layer = _layer(moe_config(moe_aux_loss_coeff=0.01, moe_layer_recompute=recompute),
+                       LTDRConfig(enabled=True))
+        layer.router.modality = _context(modality, seq, batch)
+        out, _ = layer(hidden.clone().requires_grad_(True))  # checkpointing needs a grad input
+        layer.router.modality.set(None)  # what MoELLaVAModel.forward does on return
+        (out * weights).sum().backward()
+        assert layer.router.ltdr_last.tail.any()
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name

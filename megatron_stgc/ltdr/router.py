@@ -55,16 +55,17 @@ class LTDRRouter(TopKRouter):
         self.modality = None  # the model's ModalityContext, set by attached.attach_modality
         self.ltdr_sums = LTDRSums()
         self.ltdr_last: LTDRReport | None = None
+        self._forward_rows = None  # (image mask, any image) of the last training forward
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        is_image = self._image_rows(logits)
-        if is_image is None:
+        rows = self._image_rows(logits)
+        if rows is None:
             return super().routing(logits, padding_mask=padding_mask)
+        is_image, has_image = rows
         flat = logits.reshape(-1, self.config.num_moe_experts)  # [T, E]
         rpv = ltdr_math.routing_prob_variance(flat)  # [T]
         totals = self._image_rpv_totals(rpv, is_image)
         tail = ltdr_math.tail_flags(rpv, is_image, totals)  # [T]
-        has_image = self.modality.has_image()
         if has_image and self.ltdr_config.modality_balance:
             padding_mask = ltdr_math.balance_exclusion(is_image, padding_mask)
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
@@ -73,8 +74,12 @@ class LTDRRouter(TopKRouter):
         self._record(flat, is_image, tail, routing_map, totals)
         return probs, routing_map
 
-    def _image_rows(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """[T] bool image mask aligned with the router's rows; None = route as megatron."""
+    def _image_rows(self, logits: torch.Tensor):
+        """([T] bool image mask aligned with the router's rows, any image?); None = route as
+        megatron. Activation recompute re-runs this forward inside the backward, after the
+        model has cleared its modality: it reuses the mask of the forward it repeats."""
+        if _inside_backward():
+            return self._forward_rows
         current = None if self.modality is None else self.modality.current
         if current is None:
             if self.training and torch.is_grad_enabled():
@@ -82,11 +87,14 @@ class LTDRRouter(TopKRouter):
                     f"LTDR layer {self.layer_number}: training forward without a token modality "
                     "(the model must set its ModalityContext; see ltdr/attached.py)")
             return None
-        rows = logits.numel() // self.config.num_moe_experts
-        if current.numel() != rows:
-            raise ValueError(f"LTDR layer {self.layer_number}: the router sees {rows} tokens, "
-                             f"the modality mask has {current.numel()}")
-        return current.to(logits.device) == IMAGE
+        num_rows = logits.numel() // self.config.num_moe_experts
+        if current.numel() != num_rows:
+            raise ValueError(f"LTDR layer {self.layer_number}: the router sees {num_rows} "
+                             f"tokens, the modality mask has {current.numel()}")
+        rows = (current.to(logits.device) == IMAGE, self.modality.has_image())
+        if self.training:  # a checkpointed forward runs without grad: keep its mask too
+            self._forward_rows = rows
+        return rows
 
     def _image_rpv_totals(self, rpv: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
         """(sum, count) of image RPVs over the global micro-batch (training) or this rank."""
