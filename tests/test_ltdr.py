@@ -199,10 +199,16 @@ def _layout_batch():
     return hidden, weights, modality
 
 
-def _layout_step(rank, world, overrides, state):
-    """This rank's share of the global micro-batch through an LTDR layer: maps, flags, grads."""
-    config = moe_config(**overrides)
-    layer = _layer(config, LTDRConfig(enabled=True, top_a=3))
+def _layout_layer(overrides, with_stgc):
+    stgc = STGCConfig(enabled=True, beta=1.0) if with_stgc else None
+    return _layer(moe_config(**overrides), LTDRConfig(enabled=True, top_a=3), stgc)
+
+
+def _layout_step(rank, world, layout, state):
+    """This rank's share of the global micro-batch through an LTDR layer: maps, flags, grads
+    (and STGC's conflict flags when the layout has STGC)."""
+    _, overrides, with_stgc = layout
+    layer = _layout_layer(overrides, with_stgc)
     _load_global(layer, state)
     hidden, weights, modality = _layout_batch()
     share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
@@ -215,16 +221,19 @@ def _layout_step(rank, world, overrides, state):
     if world > 1:
         dist.all_reduce(router_grad)
     report = layer.router.ltdr_last
+    none = torch.zeros(1, dtype=torch.bool)
+    conflicts = layer.stgc.last.conflicts if with_stgc else none
+    judged = ~torch.isnan(layer.stgc.last.cos) if with_stgc else none
     return {"tail": report.tail, "map": report.routing_map, "router_grad": router_grad / world,
-            "is_image": report.is_image}
+            "is_image": report.is_image, "conflicts": conflicts, "judged": judged}
 
 
 def _layout_ranks(rank, world, layouts, states):
     """Every layout on the same two ranks (one process start for all of them)."""
     results = []
-    for (ep, overrides), state in zip(layouts, states):
-        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
-        results.append(_layout_step(rank, world, overrides, state))
+    for layout, state in zip(layouts, states):
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=layout[0])
+        results.append(_layout_step(rank, world, layout, state))
         parallel_state.destroy_model_parallel()
     return results
 
@@ -248,28 +257,36 @@ def _rows_of(tensor, rank, world):
     return tensor.reshape(SEQ, BATCH, -1)[:, rank * per:(rank + 1) * per].reshape(SEQ * per, -1)
 
 
-LAYOUTS = [  # (EP size on 2 ranks, overrides): EP=2 and DP2 x EP1
-    (2, dict(moe_router_topk=2, moe_token_dispatcher_type="alltoall")),
-    (1, dict(moe_router_topk=1, moe_token_dispatcher_type="allgather")),
+LAYOUTS = [  # (EP size on 2 ranks, overrides, STGC on): EP=2 and DP2 x EP1
+    (2, dict(moe_router_topk=2, moe_token_dispatcher_type="alltoall"), False),
+    (1, dict(moe_router_topk=1, moe_token_dispatcher_type="allgather"), False),
+    (2, dict(moe_router_topk=2, moe_token_dispatcher_type="alltoall", gated_linear_unit=True),
+     True),
 ]
 
 
 def test_layouts_match_one_process():
-    """EP=2 (alltoall, top-2) and DP2 x EP1 (allgather, top-1) against one process."""
+    """EP=2 (alltoall, top-2; also with STGC) and DP2 x EP1 (allgather, top-1) against one
+    process."""
     init_single_process()
     states, references = [], []
-    for _, overrides in LAYOUTS:
-        layer = _layer(moe_config(**overrides), LTDRConfig(enabled=True, top_a=3))
+    for layout in LAYOUTS:
+        layer = _layout_layer(layout[1], layout[2])
         states.append({n: t.detach().clone() for n, t in layer.state_dict().items()
                        if torch.is_tensor(t)})
-        references.append(_layout_step(0, 1, overrides, states[-1]))
+        references.append(_layout_step(0, 1, layout, states[-1]))
     per_rank = run_on_ranks(_layout_ranks, 2, LAYOUTS, states)
     for index, reference in enumerate(references):
         assert reference["tail"].any() and (reference["is_image"] & ~reference["tail"]).any()
+        if LAYOUTS[index][2]:  # STGC judges tail tokens' extra pairs, and flags some pairs
+            assert (reference["judged"][reference["tail"]].sum(dim=1) > 2).any()
+            assert reference["conflicts"].any()
         for rank in range(2):
             result = per_rank[rank][index]
             assert torch.equal(result["tail"], _rows_of(reference["tail"], rank, 2).flatten())
             assert torch.equal(result["map"], _rows_of(reference["map"], rank, 2))
+            if LAYOUTS[index][2]:
+                assert torch.equal(result["conflicts"], _rows_of(reference["conflicts"], rank, 2))
             assert torch.allclose(result["router_grad"], reference["router_grad"], atol=1e-6,
                                   rtol=1e-5)
 
