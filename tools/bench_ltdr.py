@@ -23,13 +23,26 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-from stgc_utils import STGCConfig, init_single_process, moe_config  # noqa: E402
+from megatron_stgc import cpu_bridge  # noqa: E402
+
+cpu_bridge.install()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
 from megatron_stgc.ltdr.config import LTDRConfig  # noqa: E402
+from megatron_stgc.ltdr.dispatch import prepare_ltdr_layers  # noqa: E402
+from megatron_stgc.ltdr.spec import ltdr_moe_spec  # noqa: E402
+from megatron_stgc.mcore_compat import build_moe_layer  # noqa: E402
 from megatron_stgc.model.modality import IMAGE, TEXT, ModalityContext  # noqa: E402
+from megatron_stgc.stgc.config import STGCConfig  # noqa: E402
+from megatron_stgc.stgc.spec import stgc_moe_spec  # noqa: E402
 
 VARIANTS = {  # name: (STGC on, LTDR config or None)
     "plain": (False, None),
@@ -40,10 +53,36 @@ VARIANTS = {  # name: (STGC on, LTDR config or None)
 }
 
 
-def build(config, with_stgc: bool, ltdr: LTDRConfig | None):
-    from test_ltdr import _layer  # the tests' layer builder: spec -> layer -> LTDR prepared
+def init_single_process() -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29651")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
 
-    return _layer(config, ltdr, STGCConfig(enabled=True) if with_stgc else None)
+
+def layer_config(hidden: int, ffn: int) -> TransformerConfig:
+    """A CPU MoE layer: 4 experts top-2, alltoall, aux-loss 0.01 (MoE-LLaVA's)."""
+    return TransformerConfig(
+        num_layers=1, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=ffn,
+        num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=0.01, add_bias_linear=False, use_cpu_initialization=True,
+        gradient_accumulation_fusion=False, bias_activation_fusion=False,
+        bias_dropout_fusion=False, moe_permute_fusion=False, moe_router_dtype="fp32")
+
+
+def build(config, with_stgc: bool, ltdr: LTDRConfig | None):
+    """spec -> layer the way model/gpt.py does it (STGC, then LTDR; dispatchers prepared)."""
+    model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234)
+    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)
+    if with_stgc:
+        spec = stgc_moe_spec(spec, STGCConfig(enabled=True))
+    if ltdr is not None:
+        spec = ltdr_moe_spec(spec, ltdr)
+    layer = build_moe_layer(spec, config, layer_number=1)
+    layer.set_layer_number(1)
+    prepare_ltdr_layers(layer)
+    return layer.train()
 
 
 def batch(seq: int, micro: int, hidden: int):
@@ -73,8 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     init_single_process()
-    config = moe_config(hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                        moe_aux_loss_coeff=0.01, num_attention_heads=4)
+    config = layer_config(args.hidden, args.ffn)
     layers = {name: build(config, *flags) for name, flags in VARIANTS.items()}
     state = layers["plain"].state_dict()
     x, weights, modality = batch(args.seq, args.micro_batch, args.hidden)
