@@ -159,6 +159,25 @@ def test_balancing_loss_is_megatrons_on_text_tokens_alone():
     assert torch.equal(moved_grad.reshape(-1, E)[text], flat_grad[text])
 
 
+def test_seq_aux_loss_ignores_image_tokens():
+    init_single_process()
+    config = moe_config(moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="seq_aux_loss")
+    seq, batch = 12, 2
+    gen = torch.Generator().manual_seed(4)
+    modality = torch.where(torch.rand(seq * batch, generator=gen) < 0.5, IMAGE, TEXT)
+    logits = torch.randn(seq, batch, E, generator=gen)
+    ltdr = _router(LTDRRouter, config, ltdr_config=LTDRConfig(enabled=True))
+    ltdr.modality = _context(modality, seq, batch)
+    moved = logits.clone().reshape(-1, E)
+    moved[modality == IMAGE] *= 7
+    losses = []
+    for flat in (logits.reshape(-1, E), moved):
+        ltdr.routing(flat.reshape(seq, batch, E).clone().requires_grad_(True))
+        losses.append(report_moe_metrics(1.0, num_layers=1, moe_layer_freq=1)
+                      ["seq_load_balancing_loss"])
+    assert losses[0] == losses[1] > 0
+
+
 # -- 3. no image token: plain megatron-core ----------------------------------------------
 
 @pytest.mark.parametrize("with_stgc", [False, True])
@@ -357,6 +376,19 @@ def test_training_without_modality_fails_eval_routes_plainly():
     plain = _router(TopKRouter, moe_config())
     router.eval(), plain.eval()
     assert all(torch.equal(a, b) for a, b in zip(router.routing(logits), plain.routing(logits)))
+
+
+def test_flags_and_yaml_section(tmp_path):
+    from megatron_stgc.config import build_arg_parser, config_from_flat, load_yaml
+
+    args = build_arg_parser().parse_args(["--ltdr", "--ltdr-top-a", "3",
+                                          "--no-ltdr-modality-balance"])
+    config = config_from_flat({k: v for k, v in vars(args).items() if k != "config"})
+    assert config.ltdr == LTDRConfig(enabled=True, top_a=3, modality_balance=False)
+    path = tmp_path / "run.yaml"
+    path.write_text("ltdr:\n  enabled: true\n  tail_routing: false\n")
+    assert config_from_flat(load_yaml(str(path))).ltdr == LTDRConfig(enabled=True,
+                                                                     tail_routing=False)
 
 
 def test_config_errors_name_the_flag():
