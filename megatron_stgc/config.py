@@ -503,6 +503,7 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
         raise ConfigError(str(error)) from None
     if config.stgc.enabled and m.num_experts is not None:
         _validate_stgc_layers(config)
+        _validate_stgc_mean_source(config)
     _validate_with_megatron_core(config)
 
 
@@ -530,6 +531,19 @@ def moe_layer_indices(config: RunConfig) -> list[int]:
     if m.num_experts is None:
         return []
     return [i for i in range(m.num_layers) if i % m.moe_layer_freq == 0]
+
+
+def _validate_stgc_mean_source(config: RunConfig) -> None:
+    """previous-step reads the reduced expert gradient megatron's DDP leaves in each
+    parameter's main_grad; the distributed optimizer keeps only a shard of it reduced."""
+    s = config.stgc
+    _require(not (s.mean_source == "previous-step" and config.parallel.use_distributed_optimizer),
+             "--stgc-mean-source previous-step needs every rank's full reduced expert gradient; "
+             "--use-distributed-optimizer reduce-scatters it (each rank keeps a shard): use "
+             "--stgc-mean-source micro-batch or micro-batch-bf16")
+    _require(not (s.mean_audit and config.parallel.tensor_model_parallel_size > 1),
+             "--stgc-mean-audit counts pairs per rank and is written for "
+             "--tensor-model-parallel-size 1")
 
 
 def _validate_stgc_layers(config: RunConfig) -> None:

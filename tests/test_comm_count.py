@@ -47,26 +47,39 @@ def test_counter_matches_hand_computed_bytes():
         }
 
 
-def _stgc_step_bytes(rank, world_size, stgc):
+def _stgc_step_bytes(rank, world_size, stgc, mean_source="micro-batch", mode="single-pass"):
     from megatron_stgc.analysis.comm_count import CollectiveCounter, megatron_group_names
     from megatron_stgc.stgc.attached import stgc_layers
     from megatron_stgc.stgc.comm_cost import stgc_payload_per_micro_batch
     from megatron_stgc.training.step import train_step
+    from megatron_stgc.training.stgc_hooks import after_stgc_step
+    from megatron_stgc.stgc.two_pass import two_pass_train_step
 
-    config = tiny_config(expert_parallel=2, global_batch_size=16, stgc=stgc)
+    config = tiny_config(expert_parallel=2, global_batch_size=16, stgc=stgc,
+                         stgc_mean_source=mean_source)
     objects = build_tiny(config)
     micro = rank_micro_batches(synthetic_global_batch(16, 16), 2)  # 2 micro-batches per rank
+
+    def step():
+        kwargs = dict(micro_batch_size=2, seq_length=16)
+        if mode == "two-pass":
+            return two_pass_train_step(train_step, objects.model, iter(micro), len(micro),
+                                       optimizer=objects.optimizer,
+                                       scheduler=objects.scheduler, **kwargs)
+        return train_step(objects.model, objects.optimizer, objects.scheduler, iter(micro),
+                          len(micro), **kwargs)
+
+    if mean_source == "previous-step":  # its first step falls back to micro-batch
+        after_stgc_step(objects.model, step().update_successful)
     with CollectiveCounter(megatron_group_names()) as counter:
-        train_step(objects.model, objects.optimizer, objects.scheduler, iter(micro), len(micro),
-                   micro_batch_size=2, seq_length=16)
+        step()
     model = objects.unwrapped_model
     expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
     dense_params = sum(p.numel() for name, p in model.named_parameters()
                        if ".experts." not in name)
-    layers = [(sum(p.numel() for expert in layer.experts.local_experts
-                   for p in expert.parameters()), len(layer.experts.local_experts))
+    layers = [sum(p.numel() for p in layer.experts.parameters())
               for layer in stgc_layers(objects.model)]
-    predicted = len(micro) * stgc_payload_per_micro_batch(layers) if stgc else 0
+    predicted = len(micro) * stgc_payload_per_micro_batch(layers, mean_source) if stgc else 0
     return {"expert_dp": counter.total("all_reduce", "expert_dp", key="payload"),
             "dp_cp": counter.total("all_reduce", "dp_cp", key="payload"),
             "expert_params": expert_params, "dense_params": dense_params,
@@ -82,3 +95,29 @@ def test_stgc_extra_expert_dp_bytes_match_the_parameter_formula():
         assert plain_rank["dp_cp"] >= 4 * plain_rank["dense_params"]
         assert stgc_rank["predicted"] > 0
         assert stgc_rank["expert_dp"] - plain_rank["expert_dp"] == stgc_rank["predicted"]
+
+
+def test_each_mean_source_sends_what_the_formula_says():
+    """bf16 halves STGC's all-reduce; previous-step (after its first step) and local send
+    none of it: expert-DP bytes = DDP's + the formula, per source."""
+    plain = run_on_ranks(_stgc_step_bytes, WORLD, False)
+    for source in ("micro-batch-bf16", "previous-step", "local"):
+        results = run_on_ranks(_stgc_step_bytes, WORLD, True, source)
+        for plain_rank, rank in zip(plain, results):
+            extra = rank["expert_dp"] - plain_rank["expert_dp"]
+            assert extra == rank["predicted"], source
+        if source == "micro-batch-bf16":
+            assert all(r["predicted"] > 0 for r in results)
+        else:
+            assert all(r["predicted"] == 0 for r in results)
+
+
+def test_two_pass_identify_pass_reduces_no_gradients():
+    """The identify pass's gradients are thrown away, so DDP must not reduce them: a two-pass
+    step reduces dense gradients once, like plain, and expert ones once plus STGC's."""
+    plain = run_on_ranks(_stgc_step_bytes, WORLD, False)
+    single = run_on_ranks(_stgc_step_bytes, WORLD, True)
+    two = run_on_ranks(_stgc_step_bytes, WORLD, True, "micro-batch", "two-pass")
+    for plain_rank, single_rank, two_rank in zip(plain, single, two):
+        assert two_rank["dp_cp"] == plain_rank["dp_cp"]
+        assert two_rank["expert_dp"] == single_rank["expert_dp"]

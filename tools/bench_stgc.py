@@ -11,6 +11,17 @@ training step (forward, backward, optimizer) on the same synthetic batches:
   fc2           STGC, single pass, cosine over the experts' fc2 parameters only
   lowrank-R     STGC, single pass, lowrank estimator of rank R (--stgc-estimator lowrank),
                 one variant per rank in --stgc-estimator-rank (comma-separated)
+  micro-batch-bf16, previous-step, local
+                STGC, single pass, exact, with that --stgc-mean-source (single-pass,
+                two-pass, fc2 and lowrank use micro-batch)
+  single-pass-sync  single-pass with the mean all-reduce issued once the experts' backward
+                is done (--stgc-overlap-mean-reduce false) instead of overlapped with it
+--variants picks a subset (plain is always run).
+
+Agreement with the step's mean (--agreement-steps N > 0): after the timed steps the
+single-pass variant trains N more steps with --stgc-mean-audit (stgc/mean_audit.py): every
+mean source's flags and fc2's against the flags from the step's mean gradient (all
+micro-batches, all expert-DP replicas); previous-step is judged from the second of them on.
 
 Prints median step-time and peak-memory ratios against plain, and the lowrank
 estimator's agreement with the exact conflict flags, and writes them to --output.
@@ -56,6 +67,8 @@ import torch
 import torch.distributed as dist
 
 BASE_VARIANTS = ("plain", "single-pass", "two-pass", "fc2")
+MEAN_SOURCE_VARIANTS = ("micro-batch-bf16", "previous-step", "local")
+SYNC_VARIANT = "single-pass-sync"  # single-pass with --stgc-overlap-mean-reduce false
 
 
 def parse_args(argv=None):
@@ -75,11 +88,24 @@ def parse_args(argv=None):
                    help="micro-batches per step per rank (gradient accumulation)")
     p.add_argument("--stgc-estimator-rank", default="64",
                    help="comma-separated ranks of the lowrank estimator to compare")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated variants to run (default: plain, single-pass, two-pass, "
+                        "fc2, lowrank-R, micro-batch-bf16, previous-step, local, "
+                        "single-pass-sync)")
+    p.add_argument("--agreement-steps", type=int, default=3,
+                   help="steps of the single-pass variant under --stgc-mean-audit (0: none)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--output", default="bench_stgc.txt")
     args = p.parse_args(argv)
     args.lowrank_ranks = [int(r) for r in str(args.stgc_estimator_rank).split(",")]
-    args.variants = BASE_VARIANTS + tuple(f"lowrank-{r}" for r in args.lowrank_ranks)
+    every = (BASE_VARIANTS + tuple(f"lowrank-{r}" for r in args.lowrank_ranks)
+             + MEAN_SOURCE_VARIANTS + (SYNC_VARIANT,))
+    chosen = every if args.variants is None else tuple(v.strip() for v in args.variants.split(","))
+    unknown = [v for v in chosen if v not in every]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {every}")
+    args.variants = ("plain", "single-pass") + tuple(v for v in chosen
+                                                      if v not in ("plain", "single-pass"))
     args.world_size = args.world_size or args.expert_model_parallel_size
     if args.world_size % args.expert_model_parallel_size:
         p.error(f"--world-size {args.world_size} is not a multiple of "
@@ -167,6 +193,10 @@ def _run_config(args, variant):
         if variant.startswith("lowrank-"):
             config.stgc.estimator = "lowrank"
             config.stgc.estimator_rank = int(variant.split("-")[1])
+        if variant in MEAN_SOURCE_VARIANTS:
+            config.stgc.mean_source = variant
+        if variant == SYNC_VARIANT:
+            config.stgc.overlap_mean_reduce = False
     return config
 
 
@@ -192,14 +222,19 @@ def _batches(args, vocab, seed, count):
 def _step(objects, variant, step_batches, args):
     from megatron_stgc.stgc.two_pass import two_pass_train_step
     from megatron_stgc.training.step import train_step
+    from megatron_stgc.training.stgc_hooks import after_stgc_step
 
     kwargs = dict(optimizer=objects.optimizer, scheduler=objects.scheduler,
                   micro_batch_size=args.micro_batch_size, seq_length=args.seq_length)
     count = len(step_batches)
     if variant == "two-pass":
-        return two_pass_train_step(train_step, objects.model, iter(step_batches), count, **kwargs)
-    return train_step(objects.model, data_iterator=iter(step_batches), num_microbatches=count,
-                      **kwargs)
+        result = two_pass_train_step(train_step, objects.model, iter(step_batches), count,
+                                     **kwargs)
+    else:
+        result = train_step(objects.model, data_iterator=iter(step_batches),
+                            num_microbatches=count, **kwargs)
+    after_stgc_step(objects.model, result.update_successful)  # previous-step keeps its copy
+    return result
 
 
 def _count_bytes(built, variant, step_batches, args) -> list[dict]:
@@ -222,7 +257,7 @@ def _predicted_stgc_payload(objects, args) -> int:
 
     if args.world_size // args.expert_model_parallel_size < 2:
         return 0
-    per_layer = [(sum(p.numel() for p in layer.experts.parameters()), layer.num_local_experts)
+    per_layer = [sum(p.numel() for p in layer.experts.parameters())
                  for layer in stgc_layers(objects.model)]
     return args.micro_batches * stgc_payload_per_micro_batch(per_layer)
 
@@ -256,6 +291,57 @@ def _estimator_agreement(built, variant, batch, args):
     same, judged, exact_n, lowrank_n, both = counts.tolist()
     return {"agreement": same / judged, "conflict_fraction": exact_n / judged,
             "recall": both / max(exact_n, 1), "precision": both / max(lowrank_n, 1)}
+
+
+def _mean_audit(objects, args, vocab, rank) -> dict[str, float]:
+    """--agreement-steps training steps under --stgc-mean-audit; its stgc/audit/* metrics."""
+    from megatron_stgc.parallel import collective_device
+    from megatron_stgc.stgc.attached import stgc_layers
+    from megatron_stgc.stgc.mean_audit import collect_audit_metrics
+    from megatron_stgc.training.stgc_hooks import start_mean_audit
+
+    if args.agreement_steps <= 0:
+        return {}
+    audits = start_mean_audit(objects.model)
+    for step_batches in _batches(args, vocab, seed=500 + rank, count=args.agreement_steps):
+        _step(objects, "single-pass", step_batches, args)
+        if rank == 0:
+            print("agreement step done", flush=True)
+    metrics = collect_audit_metrics(audits, device=collective_device())
+    for layer in stgc_layers(objects.model):
+        layer.stgc.audit = None
+    return metrics
+
+
+def _mode_table(args, summary, comm_summary, audit) -> list[str]:
+    """One row per STGC mode: extra bytes / plain's gradient reduction, time, agreement."""
+    base_time = float(summary[0, 0])
+    rows = [("micro-batch", "single-pass"), ("micro-batch-bf16", "micro-batch-bf16"),
+            ("previous-step", "previous-step"), ("previous-step+own", None),
+            ("previous-step+local", None), ("local", "local"), ("fc2", "fc2")]
+    lines = [f"# STGC modes vs the step's mean gradient ({args.agreement_steps} audited steps; "
+             f"reference conflict fraction "
+             f"{100 * audit.get('stgc/audit/reference_conflict_fraction', float('nan')):.1f}%)",
+             f"{'mode':20s} {'extra bytes':>12s} {'time':>6s} {'agreement':>9s} "
+             f"{'recall':>7s} {'precision':>9s} {'conflicts':>9s} {'vs exact':>9s}"]
+    for source, variant in rows:
+        if variant in args.variants:
+            index = args.variants.index(variant)
+            extra = f"{comm_summary['variants'][variant]['ratio_to_plain_grad_wire']:.2f}x"
+            time_ratio = f"{float(summary[index, 0]) / base_time:.2f}x"
+        elif audit:  # audited only: an estimator no run mode uses, or a variant not run
+            extra, time_ratio = ("(0)" if variant is None else "not run"), "n/a"
+        else:
+            continue
+
+        def pct(name):
+            value = audit.get(f"stgc/audit/{source}/{name}")
+            return "n/a" if value is None else f"{100 * value:.2f}%"
+
+        lines.append(f"{source:20s} {extra:>12s} {time_ratio:>6s} {pct('agreement'):>9s} "
+                     f"{pct('recall'):>7s} {pct('precision'):>9s} "
+                     f"{pct('conflict_fraction'):>9s} {pct('agreement_with_micro_batch'):>9s}")
+    return lines
 
 
 def rank_main(rank, args, port):
@@ -299,6 +385,7 @@ def rank_main(rank, args, port):
                 print(f"rep {rep} {variant:12s} {elapsed:7.2f}s", flush=True)
     agreement = {v: _estimator_agreement(built, v, batches[0], args)
                  for v in args.variants if v.startswith("lowrank-") or v == "fc2"}
+    audit = _mean_audit(built["single-pass"], args, vocab, rank)
     comm = {v: _count_bytes(built, v, batches[1 % len(batches)], args) for v in args.variants}
     predicted = _predicted_stgc_payload(built["single-pass"], args)
     state = _model_state_bytes(built["plain"].unwrapped_model)
@@ -310,7 +397,7 @@ def rank_main(rank, args, port):
     dist.all_reduce(summary, op=dist.ReduceOp.MAX)  # the slowest / largest rank counts
     summary = summary.cpu()
     if rank == 0:
-        _report(args, summary, state, agreement, comm, predicted)
+        _report(args, summary, state, agreement, comm, predicted, audit)
     dist.destroy_process_group()
 
 
@@ -372,7 +459,7 @@ def _comm_lines(args, comm, predicted) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def _report(args, summary, state, agreement, comm, predicted):
+def _report(args, summary, state, agreement, comm, predicted, audit):
     base_time, base_peak = float(summary[0, 0]), state + float(summary[0, 1])
     if _on_gpu():
         machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -404,13 +491,15 @@ def _report(args, summary, state, agreement, comm, predicted):
                      f"fraction {100 * agree['conflict_fraction']:.1f}%)")
     comm_lines, comm_summary = _comm_lines(args, comm, predicted)
     lines += comm_lines
+    lines += _mode_table(args, summary, comm_summary, audit)
     text = "\n".join(lines)
     print(text, flush=True)
     with open(args.output, "w") as f:
         f.write(text + "\n")
     with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
         json.dump({"args": vars(args), "median_step_s": dict(zip(args.variants, summary[:, 0].tolist())),
-                   "agreement": agreement, "communication": comm_summary}, f, indent=2)
+                   "agreement": agreement, "communication": comm_summary,
+                   "mean_audit": audit}, f, indent=2)
 
 
 def main(argv=None):

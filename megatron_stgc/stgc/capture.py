@@ -48,6 +48,8 @@ class ExpertCapture:
 
     taps: dict[tuple[int, str], LinearTap] = field(default_factory=dict)
     closed: bool = False  # set once the expert side has used it
+    # mean_source.EarlyMeanReduce: all-reduces started as the weight gradients arrive
+    early_reduce: object | None = None
 
     def tap(self, slot: int, name: str) -> LinearTap:
         return self.taps.setdefault((slot, name), LinearTap())
@@ -181,6 +183,8 @@ class _BackwardCapture:
             capture = self._capture()
             if capture is not None and not capture.closed and (slot, name) in capture.taps:
                 setattr(capture.taps[(slot, name)], attr, grad.detach())
+                if capture.early_reduce is not None:
+                    capture.early_reduce.start((slot, name, attr), grad)
 
         return keep
 

@@ -4,14 +4,14 @@ The formulas the collective counter (analysis/comm_count.py) checks in tools/ben
 and tests/test_comm_count.py, so that a layout nobody can run here (the paper's 16-GPU
 config) can be costed from them.
 
-STGC, exact mode, per micro-batch backward, per STGC layer, when expert-DP > 1
-(stgc/expert_side.py):
-  one fp32 all-reduce of every local expert's summed weight and bias gradients
-    payload = 4 x sum over local experts of (expert parameters)
-  one fp32 all-reduce of the local experts' judged-token counts
-    payload = 4 x local experts
-  (on --stgc-consistency-interval steps also one of the normalised gradient sums, the
-   size of the first.)
+STGC, per micro-batch backward, per STGC layer, when expert-DP > 1 (stgc/expert_side.py,
+stgc/mean_source.py):
+  one all-reduce of every local expert's summed weight and bias gradients
+    payload = b x sum over local experts of (expert parameters),
+    b = 4 (--stgc-mean-source micro-batch, fp32), 2 (micro-batch-bf16), 0 (previous-step
+    after its first step, local)
+  (on --stgc-consistency-interval steps also one fp32 all-reduce of the normalised gradient
+   sums, the size of the fp32 one, and one of the local experts' judged-token counts.)
 megatron DDP, per step: every trainable parameter's gradient once, in the gradient buffer's
 dtype (this package: fp32, ``grad_reduce_in_fp32=True``; megatron's default: the parameter
 dtype, bf16), all-reduced (or reduce-scattered with the distributed optimizer) over DP x CP
@@ -28,13 +28,18 @@ def ring_all_reduce_wire(payload: int, group_size: int) -> int:
     return payload * 2 * (group_size - 1) // group_size
 
 
-def stgc_payload_per_micro_batch(stgc_layers: list[tuple[int, int]]) -> int:
+# bytes per expert parameter in STGC's per-micro-batch all-reduce, per mean source
+MEAN_SOURCE_BYTES = {"micro-batch": 4, "micro-batch-bf16": 2, "previous-step": 0, "local": 0}
+
+
+def stgc_payload_per_micro_batch(local_expert_params: list[int],
+                                 mean_source: str = "micro-batch") -> int:
     """STGC's expert-DP all-reduce payload for one micro-batch (expert-DP > 1).
 
-    stgc_layers: per STGC layer, (parameters of its local experts in all: fc1 + fc2 weights
-    and biases, number of local experts).
+    local_expert_params: per STGC layer, the parameters of its local experts in all (fc1 +
+    fc2 weights and biases).
     """
-    return sum(4 * params + 4 * local for params, local in stgc_layers)
+    return MEAN_SOURCE_BYTES[mean_source] * sum(local_expert_params)
 
 
 def ddp_payload_per_step(trainable_params: int, grad_bytes: int) -> int:
@@ -76,7 +81,7 @@ class PaperLayout:
 
     def figures(self) -> dict[str, float]:
         local = self.experts // self.expert_parallel
-        per_layer = [(local * self.expert_params(), local)] * self.moe_layers
+        per_layer = [local * self.expert_params()] * self.moe_layers
         stgc = self.micro_batches * stgc_payload_per_micro_batch(per_layer)
         expert_grads = ddp_payload_per_step(self.moe_layers * local * self.expert_params(),
                                             self.grad_bytes)

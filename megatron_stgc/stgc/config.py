@@ -7,6 +7,8 @@ from dataclasses import dataclass
 MODES = ("single-pass", "two-pass")
 ESTIMATORS = ("exact", "lowrank", "fc2")
 NORMALIZATIONS = ("pairs", "tokens")
+# Where each expert's mean gradient g_mean comes from (mean_source.py).
+MEAN_SOURCES = ("micro-batch", "micro-batch-bf16", "previous-step", "local")
 
 
 def parse_layer_ranges(text: str | None, num_layers: int) -> frozenset[int]:
@@ -57,6 +59,23 @@ class STGCConfig:
                     "tokens" = number of distinct tokens with at least one conflict.
     consistency_interval: compute gradient consistency (paper Fig. 3b; one more GEMM
                     per expert linear) on every N-th step; 0 = never.
+    mean_source:    the expert mean gradient each token is compared with (mean_source.py):
+                    "micro-batch" = this micro-batch's tokens on all expert-DP replicas
+                    (an fp32 all-reduce of the local experts' gradients per micro-batch);
+                    "micro-batch-bf16" = the same, all-reduced in bf16 (half the bytes);
+                    "previous-step" = the previous step's expert gradient as megatron's DDP
+                    reduced it (no communication; one fp32 copy of the local experts'
+                    gradients; a step without one, e.g. the first, uses "micro-batch");
+                    "local" = this micro-batch's tokens on this replica only (no
+                    communication).
+    overlap_mean_reduce: micro-batch sources: start each expert linear's all-reduce as
+                    soon as autograd has its weight gradient, asynchronously, and wait only
+                    where the cosines need it (local experts, no gradient-accumulation
+                    fusion); False: one all-reduce once the experts' backward is done.
+    mean_audit:     diagnostic: on every step also compute the flags of every mean source
+                    and of the fc2 estimator against the step's mean gradient (all
+                    micro-batches, all replicas) and log their agreement (mean_audit.py;
+                    keeps every micro-batch's expert captures until the step ends).
     """
 
     enabled: bool = False
@@ -68,6 +87,9 @@ class STGCConfig:
     estimator_rank: int = 64
     normalization: str = "pairs"
     consistency_interval: int = 10
+    mean_source: str = "micro-batch"
+    overlap_mean_reduce: bool = True
+    mean_audit: bool = False
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +99,10 @@ class STGCConfig:
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"--stgc-normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+        if self.mean_source not in MEAN_SOURCES:
+            raise ValueError(
+                f"--stgc-mean-source must be one of {MEAN_SOURCES}, got {self.mean_source!r}"
             )
         if self.beta < 0:
             raise ValueError(f"--stgc-beta must be >= 0, got {self.beta}")

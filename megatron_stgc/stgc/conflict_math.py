@@ -79,6 +79,21 @@ def cosines_from_stats(
     return torch.where(denom > 0, cos, torch.full_like(cos, float("nan")))
 
 
+def cosines_with_own_term(
+    sq_norms: torch.Tensor, dots: torch.Tensor, mean_sq_norm: torch.Tensor
+) -> torch.Tensor:
+    """cos(g_n, P + g_n) from ||g_n||^2, <g_n, P> and ||P||^2 -> [N]; NaN where undefined.
+
+    For a mean P that does not contain token n (e.g. an earlier step's gradient): the
+    mean over the token's own batch always contains its own gradient once, and with many
+    nearly orthogonal token gradients that term is what keeps most cosines positive.
+    ||P + g_n||^2 = ||P||^2 + 2 <g_n, P> + ||g_n||^2.
+    """
+    denom = (sq_norms * (mean_sq_norm + 2 * dots + sq_norms).clamp(min=0)).sqrt()
+    cos = (dots + sq_norms) / denom
+    return torch.where(denom > 0, cos, torch.full_like(cos, float("nan")))
+
+
 def expert_token_cosines(linears: list[LinearGrads]) -> torch.Tensor:
     """cos(g_n, g_mean) over all of one expert's linears, single replica -> [N].
 

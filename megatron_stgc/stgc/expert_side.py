@@ -1,9 +1,9 @@
 """Expert rank: per-row cos(g_n, g_mean) for the local experts, expert-parallel.
 
 Runs inside the backward of the join node (after all local experts' backward):
-  1. G = sum_n g_n per expert and linear, from the captured rows (fp32);
-  2. all-reduce G over the expert-data-parallel group -> the mean over the global
-     micro-batch (the 1/N does not change a cosine);
+  1.+2. G per expert and linear from the mean source (mean_source.py); by default
+     G = sum_n g_n of the captured rows (fp32), all-reduced over the expert-data-parallel
+     group -> the mean over the global micro-batch (the 1/N does not change a cosine);
   3. per-row ||g_n||^2 and <g_n, G>;
   4. cos per row, NaN where a row is padding (prob 0) or its gradient is zero.
 """
@@ -17,43 +17,19 @@ import torch.distributed as dist
 
 from megatron_stgc.stgc import conflict_math
 from megatron_stgc.stgc.conflict_math import LinearGrads
+from megatron_stgc.stgc.mean_source import EarlyMeanReduce, LinearMean, expert_means, group_size
 
 
 @dataclass
 class ExpertResult:
     row_cos: torch.Tensor  # [R] rows in the experts' order
-    tokens_per_expert: torch.Tensor  # [local_E] rows judged (global over expert-DP)
-    consistency: torch.Tensor | None  # [local_E] mean pairwise cosine, or None
-
-
-def group_size(group) -> int:
-    """Size of a process group; 1 for None (no group)."""
-    return 1 if group is None else dist.get_world_size(group)
+    consistency: torch.Tensor | None = None  # [local_E] mean pairwise cosine, or None
 
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor
-
-
-def _global_weight_grads(experts: list[list[LinearGrads]], expert_dp_group):
-    """[(G_W, G_b)] per expert per linear, summed over expert-DP replicas (one all-reduce)."""
-    sums = [
-        (conflict_math.weight_grad_sum(lin), conflict_math.bias_grad_sum(lin))
-        for linears in experts
-        for lin in linears
-    ]
-    if group_size(expert_dp_group) > 1:
-        flat_pieces = [t.reshape(-1) for pair in sums for t in pair if t is not None]
-        flat = _all_reduce(torch.cat(flat_pieces), expert_dp_group)
-        reduced = iter(torch.split(flat, [p.numel() for p in flat_pieces]))
-        sums = [
-            (next(reduced).view_as(g_w), None if g_b is None else next(reduced))
-            for g_w, g_b in sums
-        ]
-    per_expert = iter(sums)
-    return [[next(per_expert) for _ in linears] for linears in experts]
 
 
 def _row_stats(linears, grads, estimator: str, rank: int, generator):
@@ -88,6 +64,17 @@ def _consistency(linears, inv_norms: torch.Tensor, expert_dp_group) -> torch.Ten
     return normalized_sum.square().sum()
 
 
+def row_cosines(linears: list[LinearGrads], grads: list[LinearMean], estimator: str = "exact",
+                rank: int = 64, generator: torch.Generator | None = None,
+                add_own_term: bool = False) -> torch.Tensor:
+    """cos(g_n, G) for one expert's rows against the given G per linear -> [N];
+    add_own_term: cos(g_n, G + g_n) (G does not contain the rows' own gradients)."""
+    sq_norms, dots = _row_stats(linears, grads, estimator, rank, generator)
+    cosines = (conflict_math.cosines_with_own_term if add_own_term
+               else conflict_math.cosines_from_stats)
+    return cosines(sq_norms, dots, _mean_sq_norm(grads))
+
+
 def expert_row_cosines(
     experts: list[list[LinearGrads]],
     row_probs: torch.Tensor,
@@ -96,16 +83,21 @@ def expert_row_cosines(
     rank: int = 64,
     seed: int = 0,
     with_consistency: bool = False,
+    mean_source: str = "micro-batch",
+    previous: list[list[LinearMean]] | None = None,
+    early: EarlyMeanReduce | None = None,
 ) -> ExpertResult:
     """cos(g_n, g_mean) for every dispatched row of the local experts.
 
     experts: per local expert, its LinearGrads (rows = that expert's dispatched rows)
     row_probs: [R] routing prob of every row (0 marks quantization padding rows)
+    mean_source / previous / early: where G comes from (mean_source.expert_means)
     """
     generator = torch.Generator().manual_seed(seed)
     if estimator == "fc2":  # parameter-subset estimator: the output projection only
         experts = [linears[-1:] for linears in experts]
-    grads = _global_weight_grads(experts, expert_dp_group)
+        previous = None if previous is None else [means[-1:] for means in previous]
+    grads = expert_means(mean_source, experts, expert_dp_group, previous, early)
     row_cos, counts, consistency = [], [], []
     for linears, expert_grads in zip(experts, grads):
         sq_norms, dots = _row_stats(linears, expert_grads, estimator, rank, generator)
@@ -118,8 +110,8 @@ def expert_row_cosines(
             consistency.append(_consistency(linears, inv, expert_dp_group))
     cos = torch.cat(row_cos) if row_cos else row_probs.new_zeros(0, dtype=torch.float32)
     cos = torch.where(row_probs.float() != 0, cos, torch.full_like(cos, float("nan")))
-    num_tokens = _all_reduce(torch.stack(counts).float(), expert_dp_group) if counts else None
-    result = ExpertResult(cos, num_tokens, None)
+    result = ExpertResult(cos, None)
     if with_consistency and consistency:
+        num_tokens = _all_reduce(torch.stack(counts).float(), expert_dp_group)
         result.consistency = conflict_math.gradient_consistency(torch.stack(consistency), num_tokens)
     return result

@@ -18,12 +18,15 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_stgc.stgc.capture import attach_capture_hooks, expert_linear_has_bias
+from megatron_stgc.stgc.capture import (LINEAR_NAMES, attach_capture_hooks,
+                                        expert_linear_has_bias)
 from megatron_stgc.stgc.config import STGCConfig
 from megatron_stgc.stgc.expert_side import expert_row_cosines
+from megatron_stgc.stgc.mean_source import EarlyMeanReduce, group_size, reduce_dtype
 from megatron_stgc.stgc.record import APPLY, ConflictRecord, LayerSTGCState
 from megatron_stgc.stgc.return_route import snapshot_return_route
 from megatron_stgc.stgc.router import STGCRouter
+from megatron_stgc.stgc.step_grads import reduced_expert_grads
 
 # megatron-core config switches whose code paths STGC's hooks cannot follow: each one
 # (getattr default False, so a version without the switch passes) with the reason.
@@ -95,9 +98,9 @@ class STGCMoELayer(MoELayer):
                 "STGC supports biased experts with SequentialMLP (local spec) only; grouped-GEMM "
                 "experts need add_bias_linear=False"
             )
+        self._reuses_weight_grads = not config.gradient_accumulation_fusion
         self._hook_handles = attach_capture_hooks(
-            self.experts, self._current_capture,
-            reuse_weight_grads=not config.gradient_accumulation_fusion,
+            self.experts, self._current_capture, reuse_weight_grads=self._reuses_weight_grads,
         )
         self._hook_handles.append(
             self.experts.register_forward_pre_hook(self._join_expert_inputs, with_kwargs=True)
@@ -119,11 +122,31 @@ class STGCMoELayer(MoELayer):
         dispatched, tokens_per_expert, permuted_probs = args[:3]
         record.return_route = snapshot_return_route(self.token_dispatcher)
         record.tokens_per_expert = [int(n) for n in tokens_per_expert]
+        record.capture.early_reduce = self._early_mean_reduce()
         record.row_probs = permuted_probs.detach()
         dispatched, permuted_probs = _AfterExpertsBackward.apply(
             dispatched, permuted_probs, self, record
         )
         return (dispatched, tokens_per_expert, permuted_probs, *args[3:]), kwargs
+
+    def _early_mean_reduce(self) -> EarlyMeanReduce | None:
+        """Overlapped all-reduce of G for the micro-batch sources, where the hooks see every
+        weight gradient (one module per expert, no gradient-accumulation fusion)."""
+        config = self.stgc.config
+        if not (config.overlap_mean_reduce and self._reuses_weight_grads
+                and config.mean_source in ("micro-batch", "micro-batch-bf16")
+                and hasattr(self.experts, "local_experts")
+                and group_size(self.expert_dp_group) > 1):
+            return None
+        names = LINEAR_NAMES[-1:] if config.estimator == "fc2" else LINEAR_NAMES
+        return EarlyMeanReduce(self.expert_dp_group, reduce_dtype(config.mean_source), names)
+
+    def remember_step_grads(self) -> None:
+        """Keep this step's reduced expert gradients for the next step (previous-step source).
+
+        Call after megatron's DDP reduced the step's gradients, before the next step zeroes
+        them (training/stgc_hooks.py does)."""
+        self.stgc.previous_step_grads = reduced_expert_grads(self.experts)
 
     def find_conflicts(self, record: ConflictRecord) -> None:
         """Expert side, in backward: per-row cosines -> record.cos_map on the router rank."""
@@ -133,8 +156,12 @@ class STGCMoELayer(MoELayer):
             self._linear_has_bias,
             fc2_bias_scaled_by_prob=not self.config.moe_apply_probs_on_input,
         )
+        early_reduce = record.capture.early_reduce
         record.release_capture()
         config = self.stgc.config
+        if self.stgc.audit is not None:
+            self.stgc.audit.add_micro_batch(experts, self.expert_dp_group)
+        mean_source = self.stgc.mean_source_now(record.row_probs.device)
         result = expert_row_cosines(
             experts,
             record.row_probs,
@@ -143,7 +170,12 @@ class STGCMoELayer(MoELayer):
             rank=config.estimator_rank,
             seed=int(self.layer_number or 0),
             with_consistency=self.stgc.collect_consistency,
+            mean_source=mean_source,
+            previous=self.stgc.previous_step_grads,
+            early=early_reduce,
         )
+        if early_reduce is not None and early_reduce.used:
+            self.stgc.overlapped_backwards += 1
         record.cos_map = record.return_route.to_router_ranks(result.row_cos)
         record.return_route = None
         if result.consistency is not None:

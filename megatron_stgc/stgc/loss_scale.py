@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from megatron_stgc.mcore_compat import main_loss_backward_scale
-from megatron_stgc.stgc.expert_side import group_size
+from megatron_stgc.stgc.mean_source import group_size
 
 
 def data_parallel_size(tp_dp_cp_group, tp_cp_group) -> int:

@@ -7,6 +7,10 @@ Logged names (means over the steps since the last collect):
   stgc/gradient_consistency    mean pairwise cosine of an expert's token gradients,
                                averaged over experts (paper Fig. 3b); only for backwards
                                run with set_consistency_collection(model, True)
+  stgc/mean_fallbacks          backwards (per layer and rank, summed) that used the
+                               micro-batch mean because --stgc-mean-source previous-step
+                               had no previous step's gradient yet; summed over
+                               layers, logged only when not 0
 and the same per layer as stgc/layer{N}/..., N = megatron-core layer number (1-based).
 A metric that is undefined over the interval (no backward collected consistency, no
 conflicting pair) is left out rather than logged as NaN.
@@ -37,6 +41,7 @@ def _layer_values(row: dict) -> dict[str, float]:
         "conflict_fraction": _ratio(row["conflicting_pairs"], row["judged_pairs"]),
         "conflict_routing_score": _ratio(row["conflict_score_sum"], row["conflicting_pairs"]),
         "gradient_consistency": _ratio(row["consistency_sum"], row["consistency_count"]),
+        "mean_fallbacks": row["mean_fallbacks"] if row["mean_fallbacks"] > 0 else math.nan,
     }
 
 
@@ -65,5 +70,6 @@ def collect_stgc_metrics(model, num_layers: int, device, group=None) -> dict[str
             metrics[f"stgc/layer{index + 1}/{name}"] = value
             per_name.setdefault(name, []).append(value)
     for name, values in per_name.items():
-        metrics[f"stgc/{name}"] = sum(values) / len(values)
+        total = sum(values)
+        metrics[f"stgc/{name}"] = total if name == "mean_fallbacks" else total / len(values)
     return metrics

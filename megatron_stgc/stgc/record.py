@@ -61,7 +61,7 @@ class ConflictRecord:
 
 METRIC_SUM_NAMES = (
     "token_loss", "judged_pairs", "conflicting_pairs", "conflict_score_sum",
-    "consistency_sum", "consistency_count", "backward_count",
+    "consistency_sum", "consistency_count", "backward_count", "mean_fallbacks",
 )
 
 
@@ -89,6 +89,10 @@ class MetricSums:
                   conflicting_pairs=conflicting_pairs, conflict_score_sum=conflict_score_sum,
                   backward_count=torch.ones((), device=token_loss.device))
 
+    def add_mean_fallback(self, device) -> None:
+        """One backward that used the micro-batch mean in place of the previous step's."""
+        self._add(mean_fallbacks=torch.ones((), device=device))
+
     def add_consistency(self, consistency: torch.Tensor) -> None:
         """Per-expert gradient consistency [local_E], NaN for experts with < 2 tokens."""
         defined = ~torch.isnan(consistency)
@@ -115,6 +119,20 @@ class LayerSTGCState:
     paused: bool = False  # True: forwards run as plain megatron-core (no L_token, no capture)
     sums: MetricSums = field(default_factory=MetricSums)
     last: STGCReport | None = None
+    # previous-step mean source: the last step's reduced expert gradients (step_grads.py)
+    previous_step_grads: list | None = None
+    audit: object | None = None  # a mean_audit.MeanAudit while --stgc-mean-audit is on
+    overlapped_backwards: int = 0  # backwards whose G all-reduce overlapped the experts'
+
+    def mean_source_now(self, device) -> str:
+        """The mean source this backward uses: previous-step without a previous step's
+        gradient (first step, after a resume or a skipped update) uses micro-batch, counted
+        in stgc/mean_fallbacks."""
+        source = self.config.mean_source
+        if source == "previous-step" and self.previous_step_grads is None:
+            self.sums.add_mean_fallback(device)
+            return "micro-batch"
+        return source
 
     def begin_forward(self, training: bool) -> ConflictRecord | None:
         """Start the record of a forward that will be back-propagated (else None)."""

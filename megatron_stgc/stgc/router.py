@@ -17,7 +17,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_stgc.mcore_compat import record_moe_metric
 from megatron_stgc.stgc import conflict_math
-from megatron_stgc.stgc.expert_side import group_size
+from megatron_stgc.stgc.mean_source import group_size
 from megatron_stgc.stgc.loss_scale import local_grad_scale
 from megatron_stgc.stgc.record import APPLY, IDENTIFY, ConflictRecord, LayerSTGCState, STGCReport
 

@@ -76,6 +76,21 @@ def zero_module_grads(model) -> None:
                 torch.nn.init.zeros_(param.main_grad)
 
 
+@contextmanager
+def _without_gradient_reduction(model):
+    """The identify pass's gradients are thrown away: do not let the schedule reduce them
+    over DP and expert-DP (megatron's finalize_model_grads_func, skipped when None)."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model[0] if isinstance(model, (list, tuple)) else model)
+    finalize = config.finalize_model_grads_func
+    config.finalize_model_grads_func = None
+    try:
+        yield
+    finally:
+        config.finalize_model_grads_func = finalize
+
+
 def two_pass_train_step(train_step, model, data_iterator, num_microbatches: int, **step_kwargs):
     """The paper's recipe around megatron_stgc.training.step.train_step.
 
@@ -97,10 +112,11 @@ def two_pass_train_step(train_step, model, data_iterator, num_microbatches: int,
         from megatron_stgc.training.forward import gpt_forward_step as forward_step_func
 
     def identify():
-        get_forward_backward_func()(
-            forward_step_func=forward_step_func, data_iterator=iter(batches), model=model,
-            forward_only=False, **schedule_kwargs,
-        )
+        with _without_gradient_reduction(model):
+            get_forward_backward_func()(
+                forward_step_func=forward_step_func, data_iterator=iter(batches), model=model,
+                forward_only=False, **schedule_kwargs,
+            )
 
     def apply():
         return train_step(model=model, data_iterator=iter(batches),
