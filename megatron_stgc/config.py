@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_stgc.ltdr.config import LTDRConfig
 from megatron_stgc.stgc.config import STGCConfig
 
 
@@ -158,6 +159,11 @@ SECTIONS = {
 # STGC flags are --stgc-<field>, except "enabled" which is --stgc.
 STGC_FLAG_NAMES = {f.name: ("stgc" if f.name == "enabled" else f"stgc_{f.name}")
                    for f in dataclasses.fields(STGCConfig)}
+# LTDR flags the same way: --ltdr, --ltdr-top-a, --ltdr-modality-balance, --ltdr-tail-routing
+# (booleans also take --no-<flag>: --no-ltdr-modality-balance, --no-ltdr-tail-routing).
+LTDR_FLAG_NAMES = {f.name: ("ltdr" if f.name == "enabled" else f"ltdr_{f.name}")
+                   for f in dataclasses.fields(LTDRConfig)}
+PLUGIN_SECTIONS = {"stgc": STGC_FLAG_NAMES, "ltdr": LTDR_FLAG_NAMES}
 
 
 @dataclass
@@ -171,6 +177,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stgc: STGCConfig = field(default_factory=STGCConfig)
+    ltdr: LTDRConfig = field(default_factory=LTDRConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,6 +191,8 @@ def _flag_table() -> dict[str, tuple[str, dataclasses.Field]]:
             table[f.name] = (section, f)
     for f in dataclasses.fields(STGCConfig):
         table[STGC_FLAG_NAMES[f.name]] = ("stgc", f)
+    for f in dataclasses.fields(LTDRConfig):
+        table[LTDR_FLAG_NAMES[f.name]] = ("ltdr", f)
     return table
 
 
@@ -202,11 +211,11 @@ def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
     table = _flag_table()
     for key, value in raw.items():
         key = _normalise_key(key)
-        if key in SECTIONS or key == "stgc" and isinstance(value, dict):
+        if key in SECTIONS or key in PLUGIN_SECTIONS and isinstance(value, dict):
             for sub_key, sub_value in (value or {}).items():
                 sub_key = _normalise_key(sub_key)
-                if key == "stgc":
-                    sub_key = STGC_FLAG_NAMES.get(sub_key, sub_key)
+                if key in PLUGIN_SECTIONS:
+                    sub_key = PLUGIN_SECTIONS[key].get(sub_key, sub_key)
                 flat[sub_key] = sub_value
         else:
             flat[key] = value
@@ -480,6 +489,7 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     _require(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
     _validate_vision(config)
+    _validate_ltdr(config)
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
@@ -495,6 +505,24 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
         _validate_stgc_layers(config)
         _validate_stgc_mean_source(config)
     _validate_with_megatron_core(config)
+
+
+def _validate_ltdr(config: RunConfig) -> None:
+    """--ltdr needs MoE layers and the image/text mask of a vision-language model."""
+    l, m = config.ltdr, config.model
+    if not l.enabled:
+        return
+    _require(m.num_experts is not None, "--ltdr needs an MoE model: set --num-experts")
+    _require(config.vision.vision_model_type is not None,
+             "--ltdr needs a vision-language model (--vision-model-type): it routes and balances "
+             "by token modality, which a text-only model does not have")
+    _require(config.parallel.tensor_model_parallel_size == 1,
+             "--ltdr supports --tensor-model-parallel-size 1 only (with sequence parallelism "
+             "each router sees a shard of the sequence the modality mask is not cut for)")
+    try:
+        l.validate(m.num_experts, m.moe_router_topk)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def moe_layer_indices(config: RunConfig) -> list[int]:

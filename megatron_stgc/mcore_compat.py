@@ -14,6 +14,11 @@ same in all four; the surfaces below changed shape between them.
 | reporting MoE metrics      | ``moe_utils.track_moe_metrics``           | ``get_moe_metrics_tracker().report``             |
 
 (0.18.2 has both trackers; its ``save_to_aux_losses_tracker`` is the deprecated shim.)
+Handled version-independently elsewhere: without a capacity factor the alltoall dispatcher's
+permutation is sized tokens x topk, unused in 0.16.1 and a hard cut from 0.17.1 on; LTDR's
+variable experts per token need it sized by the routing map in every version
+(``ltdr/dispatch.py``). ``TopKRouter.routing(logits, padding_mask)``, the surface LTDR's
+modality balancing uses, has the same meaning in all four.
 A spec of any other shape is not guessed at: ``moe_spec_parts`` returns None and the
 STGC spec code turns that into ``UnsupportedMegatronCore`` when ``--stgc`` finds no layer.
 """

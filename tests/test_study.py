@@ -76,3 +76,14 @@ def test_extra_points_change_one_axis_from_the_grids_first_values():
     args.extra_points = "gamma=2"
     with pytest.raises(SystemExit, match="unknown axis 'gamma'"):
         tool.grid_points(args)
+
+
+def test_with_ltdr_adds_ltdr_and_stgc_ltdr_points():
+    tool = _load_tool()
+    args = argparse.Namespace(betas="1.0", taus="0", layers="all", estimators="exact",
+                              normalizations="pairs", extra_points=None, with_ltdr=True)
+    points = tool.grid_points(args)
+    assert list(points) == ["baseline", "beta1.0_tau0_layersall", "ltdr",
+                            "beta1.0_tau0_layersall_ltdr"]
+    assert points["ltdr"] == points["baseline"] + ["--ltdr"]
+    assert points["beta1.0_tau0_layersall_ltdr"][-1] == "--ltdr"

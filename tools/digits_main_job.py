@@ -12,7 +12,9 @@ The MoE-LLaVA recipe at toy scale, on the model of examples/tiny_llava_digits.ya
    MoE layers train (``--freeze-vit --freeze-projection --freeze-lm``), ``--stage3-iters``
    steps: **baseline** (``--stgc --stgc-beta 0``: conflicts measured, gradients exactly plain
    MoE's, so conflict fractions compare) and **STGC** (``--stgc``, beta 1);
-5. ``megatron-stgc eval`` on the validation questions for the three models;
+   With ``--with-ltdr`` also **LTDR** (``--ltdr``, conflicts measured at beta 0) and
+   **STGC + LTDR** (``--stgc --ltdr``), two more runs from the same start (docs/LTDR.md);
+5. ``megatron-stgc eval`` on the validation questions for every model;
 6. prints a side-by-side table (accuracy per question type, final loss, conflict fraction,
    tokens per expert per modality, seeds) and writes OUTPUT/comparison.txt and .json.
 
@@ -41,7 +43,13 @@ from megatron_stgc.analysis.plots import expert_token_totals  # noqa: E402
 
 DENSE = ["--num-experts", "none", "--expert-model-parallel-size", "1"]
 STAGE3 = ["--moe-use-upcycling", "--freeze-vit", "--freeze-projection", "--freeze-lm"]
-RUNS = {"baseline": ["--stgc", "--stgc-beta", "0"], "stgc": ["--stgc"]}
+RUNS = {"baseline": ["--stgc", "--stgc-beta", "0"], "stgc": ["--stgc"],
+        # LTDR (docs/LTDR.md); conflicts measured at beta 0 as in the baseline
+        "ltdr": ["--stgc", "--stgc-beta", "0", "--ltdr"], "stgc_ltdr": ["--stgc", "--ltdr"]}
+LTDR_RUNS = "ltdr,stgc_ltdr"  # added by --with-ltdr
+LTDR_METRICS = {"ltdr/tail_fraction": "LTDR tail fraction of image tokens",
+                "ltdr/experts_per_vision_token": "LTDR experts per image token",
+                "ltdr/text_balance_loss": "balancing loss on text tokens"}
 LAST_STEPS = 20  # final loss / conflict fraction / expert loads: mean or sum over these
 
 
@@ -91,9 +99,23 @@ def summarise(run_dir: str, results: dict, train_seconds: float) -> dict[str, ob
     fractions = [r["stgc/conflict_fraction"] for r in last if "stgc/conflict_fraction" in r]
     if fractions:
         row["conflict fraction"] = f"{sum(fractions) / len(fractions):.4f}"
+    row.update(ltdr_rows(last))
     row.update(modality_shares(last))
     row["train seconds (2 procs)"] = f"{train_seconds:.0f}"
+    step_times = sorted(r["step_time_s"] for r in records[5:] if "step_time_s" in r)
+    if step_times:  # the per-step cost of LTDR / STGC, comparable between the runs
+        row["median step time s (after step 5)"] = f"{step_times[len(step_times) // 2]:.3f}"
     return row
+
+
+def ltdr_rows(records: list[dict]) -> dict[str, str]:
+    """Means of the ltdr/* metrics over ``records`` (runs with --ltdr only)."""
+    rows = {}
+    for key, label in LTDR_METRICS.items():
+        values = [r[key] for r in records if key in r]
+        if values:
+            rows[label] = f"{sum(values) / len(values):.4f}"
+    return rows
 
 
 def question_subset(data_dir: str, limit: int | None) -> tuple[str, str]:
@@ -185,7 +207,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dense-iters", type=int, default=400, help="stage II steps")
     parser.add_argument("--stage3-iters", type=int, default=300, help="stage III steps")
     parser.add_argument("--runs", default="baseline,stgc")
+    parser.add_argument("--with-ltdr", action="store_true",
+                        help=f"also run {LTDR_RUNS} (LTDR, STGC + LTDR; two more stage III runs)")
     args, extra = parser.parse_known_args(argv)
+    if args.with_ltdr:
+        args.runs = ",".join(dict.fromkeys(args.runs.split(",") + LTDR_RUNS.split(",")))
     extra = [a for a in extra if a != "--"]
     output = os.path.abspath(args.output)
 

@@ -12,7 +12,8 @@ torchrun launch as the main job (tools/digits_main_job.py). The baseline is ``--
 Grid axes (comma lists; every combination is a point): --betas, --taus, --layers
 (``--stgc-layers`` values; ``all`` = every MoE layer), --estimators, --normalizations; and
 single points beside the grid with --extra-points 'tau=-0.1;layers=2' (one-factor changes
-from the grid's first values).
+from the grid's first values). --with-ltdr adds LTDR (baseline + --ltdr) and STGC + LTDR (the
+grid's first point + --ltdr), with LTDR's tail fraction and experts per image token in the CSVs.
 Writes OUTPUT/runs.csv (one row per run: accuracy per question type, and over the last 20
 steps the loss, conflict fraction, routing score of conflicting pairs, gradient consistency
 and the expert-load imbalance of image and text tokens: std/mean of tokens per expert),
@@ -45,6 +46,7 @@ CATEGORIES = ("digit", "even", "greater_than_four", "plus_one", "text", "overall
 
 
 AXES = ("beta", "tau", "layers", "estimator", "normalization")
+LTDR_KEYS = ("ltdr_tail_fraction", "ltdr_experts_per_vision_token")  # ltdr/* metrics
 
 
 def _point(beta, tau, layers, estimator, normalization) -> tuple[str, list[str]]:
@@ -76,6 +78,10 @@ def grid_points(args) -> dict[str, list[str]]:
             values[key.strip()] = value.strip()
         name, flags = _point(*(values[axis] for axis in AXES))
         points[name] = flags
+    if getattr(args, "with_ltdr", False):
+        grid_first = list(points)[1]  # the grid's first STGC point
+        points["ltdr"] = points[BASELINE] + ["--ltdr"]
+        points[f"{grid_first}_ltdr"] = points[grid_first] + ["--ltdr"]
     return points
 
 
@@ -119,6 +125,8 @@ def run_point(args, stage2: dict, point: str, flags: list[str], seed: int) -> di
     row["final_loss"] = _last_mean(records, "loss")
     for key in ("conflict_fraction", "conflict_routing_score", "gradient_consistency"):
         row[key] = _last_mean(records, f"stgc/{key}")
+    for key in LTDR_KEYS:  # None for runs without --ltdr
+        row[key] = _last_mean(records, key.replace("ltdr_", "ltdr/", 1))
     row["image_load_cv"] = _load_cv(records, "image")
     row["text_load_cv"] = _load_cv(records, "text")
     with open(os.path.join(run_dir, "train_seconds")) as f:
@@ -148,7 +156,7 @@ def summarise(rows: list[dict], points: list[str]) -> list[dict]:
         line = {"point": point, "seeds": len(runs)}
         for key in [f"acc_{c}" for c in CATEGORIES] + [
                 "final_loss", "conflict_fraction", "conflict_routing_score",
-                "gradient_consistency", "image_load_cv", "text_load_cv"]:
+                "gradient_consistency", "image_load_cv", "text_load_cv", *LTDR_KEYS]:
             values = [r[key] for r in runs.values() if r[key] is not None]
             line[f"{key}_mean"] = statistics.fmean(values) if values else None
             line[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -246,6 +254,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-points", default=None,
                         help="points beside the grid, ';'-separated, e.g. "
                              "'tau=-0.1;layers=2' (other axes: the first value of their list)")
+    parser.add_argument("--with-ltdr", action="store_true",
+                        help="also the points 'ltdr' (baseline + --ltdr) and '<first grid "
+                             "point>_ltdr' (STGC + LTDR); docs/LTDR.md")
     parser.add_argument("--dense-iters", type=int, default=400)
     parser.add_argument("--stage3-iters", type=int, default=300)
     parser.add_argument("--eval-limit", type=int, default=None,

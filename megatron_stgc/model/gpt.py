@@ -132,7 +132,8 @@ def transformer_config_from(config: RunConfig, hardware: Hardware | None = None)
 def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
     """The GPT MoE model for this rank (call after parallel.initialize_parallel)."""
     transformer_config = transformer_config_from(config)
-    specs = build_layer_specs(transformer_config, use_transformer_engine(config), config.stgc)
+    specs = build_layer_specs(transformer_config, use_transformer_engine(config), config.stgc,
+                              config.ltdr)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=specs,
@@ -149,7 +150,20 @@ def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
     install_expert_bias_fix(model)
     if config.stgc.enabled:
         check_stgc_attached(model)
+    if config.ltdr.enabled:
+        prepare_ltdr(model)
     return model
+
+
+def prepare_ltdr(model) -> None:
+    """--ltdr must have reached a layer; its dispatchers then take variable experts/token."""
+    from megatron_stgc.ltdr.dispatch import prepare_ltdr_layers
+
+    if not prepare_ltdr_layers(model):
+        from megatron_stgc.mcore_compat import UnsupportedMegatronCore, version_note
+
+        raise UnsupportedMegatronCore(f"--ltdr: the built model has no LTDR router "
+                                      f"({version_note()})")
 
 
 def stgc_layer_indices(model) -> list[int]:

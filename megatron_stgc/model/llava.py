@@ -34,7 +34,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_stgc.config import RunConfig
-from megatron_stgc.model.modality import ModalityContext
+from megatron_stgc.ltdr.attached import attach_modality
+from megatron_stgc.model.modality import ModalityContext, modality_of
 
 
 def projector_submodules(use_te: bool) -> MLPSubmodules:
@@ -69,6 +70,7 @@ class MoELLaVAModel(MegatronModule):
         self.drop_class_token = drop_class_token
         self.class_token_len = class_token_len
         self.modality = ModalityContext()
+        self.ltdr_routers = attach_modality(language_model, self.modality)
         self.model_type = ModelType.encoder_or_decoder  # what megatron-core's schedules look up
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -104,6 +106,9 @@ class MoELLaVAModel(MegatronModule):
                 modality: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-token loss [b, s] with ``labels``, else logits [b, s, vocab]."""
         decoder_input = self.combined_embeddings(tokens, position_ids, images)
+        if modality is None and self.ltdr_routers:  # eval / generation: LTDR routes by it
+            modality = modality_of(tokens, self.image_token_id, torch.full_like(
+                tokens[:, 0], tokens.shape[1]))
         self.modality.set(modality)
         try:
             return self.language_model(tokens, position_ids, attention_mask,

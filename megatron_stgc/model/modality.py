@@ -32,7 +32,15 @@ class ModalityContext:
 
     def __init__(self):
         self.current: Optional[torch.Tensor] = None  # int64 [s * b], megatron token order
+        self._has_image: Optional[bool] = None
 
     def set(self, modality_bs: Optional[torch.Tensor]) -> None:
         """modality_bs: [b, s] (None: unknown, e.g. a text-only model)."""
         self.current = None if modality_bs is None else modality_bs.t().reshape(-1)
+        self._has_image = None
+
+    def has_image(self) -> bool:
+        """Whether any current token is an image token (one host sync per ``set``, cached)."""
+        if self._has_image is None:
+            self._has_image = self.current is not None and bool((self.current == IMAGE).any())
+        return self._has_image

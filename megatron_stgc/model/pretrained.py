@@ -67,6 +67,7 @@ def upcycled_language_state(language_model: torch.nn.Module, dense_state: dict,
     dense_config.model.num_experts = None
     dense_config.parallel.expert_model_parallel_size = 1  # no experts to place
     dense_config.stgc.enabled = False
+    dense_config.ltdr.enabled = False
     dense = build_gpt_model(dense_config, vocab_size)
     _load_strict(dense, dense_state, "the dense language model")
     moe_state = upcycle_state_dict([language_model], [dense])["model"]

@@ -8,6 +8,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_stgc.ltdr.config import LTDRConfig
 from megatron_stgc.stgc.config import STGCConfig
 
 
@@ -15,6 +16,7 @@ def build_layer_specs(
     transformer_config: TransformerConfig,
     use_te: bool,
     stgc_config: Optional[STGCConfig] = None,
+    ltdr_config: Optional[LTDRConfig] = None,
 ) -> TransformerBlockSubmodules:
     """Decoder block spec for a GPT with MoE on every ``moe_layer_freq``-th layer.
 
@@ -22,7 +24,9 @@ def build_layer_specs(
     use_te=True:  megatron-core's Transformer Engine spec; experts use grouped GEMM
                   when ``transformer_config.moe_grouped_gemm`` is set (see model/gpt.py).
     With ``stgc_config.enabled`` the block spec is handed to
-    ``megatron_stgc.stgc.spec.apply_stgc``, which returns the STGC variant.
+    ``megatron_stgc.stgc.spec.apply_stgc``, which returns the STGC variant; then with
+    ``ltdr_config.enabled`` to ``megatron_stgc.ltdr.spec.apply_ltdr`` (LTDR routers, wrapped
+    by STGC's where both are on).
     """
     block_spec = get_gpt_decoder_block_spec(
         transformer_config,
@@ -33,4 +37,8 @@ def build_layer_specs(
         from megatron_stgc.stgc.spec import apply_stgc
 
         block_spec = apply_stgc(block_spec, transformer_config, stgc_config)
+    if ltdr_config is not None and ltdr_config.enabled:
+        from megatron_stgc.ltdr.spec import apply_ltdr
+
+        block_spec = apply_ltdr(block_spec, ltdr_config)
     return block_spec

@@ -33,6 +33,7 @@ from megatron_stgc.training.logging import StepLogger
 from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
 from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
                                                unregister_stgc_metrics)
+from megatron_stgc.training.ltdr_hooks import register_ltdr_metrics, unregister_ltdr_metrics
 from megatron_stgc.training.step import StepResult
 
 
@@ -266,6 +267,7 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
             logger.message(note)
         progress = resume_or_start(config, objects, logger, dataset)
         register_stgc_metrics(config, objects)
+        register_ltdr_metrics(config, objects)
         try:
             records = train_loop(config, objects, dataset, progress, logger)
             if hasattr(dataset, "bad_samples"):
@@ -273,6 +275,7 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
             return records
         finally:
             unregister_stgc_metrics()
+            unregister_ltdr_metrics()
             logger.close()
     finally:
         if destroy_process_groups:
