@@ -2,6 +2,7 @@
 process groups (EP 2 -> expert-DP 2), and STGC's counted expert-DP all-reduce against the
 parameter-count formula (stgc/comm_cost.py) in a real training step with 2 micro-batches."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -86,10 +87,18 @@ def _stgc_step_bytes(rank, world_size, stgc, mean_source="micro-batch", mode="si
             "predicted": predicted}
 
 
-def test_stgc_extra_expert_dp_bytes_match_the_parameter_formula():
-    plain = run_on_ranks(_stgc_step_bytes, WORLD, False)
-    stgc = run_on_ranks(_stgc_step_bytes, WORLD, True)
-    for plain_rank, stgc_rank in zip(plain, stgc):
+@pytest.fixture(scope="module")
+def plain():
+    return run_on_ranks(_stgc_step_bytes, WORLD, False)
+
+
+@pytest.fixture(scope="module")
+def single_pass():
+    return run_on_ranks(_stgc_step_bytes, WORLD, True)
+
+
+def test_stgc_extra_expert_dp_bytes_match_the_parameter_formula(plain, single_pass):
+    for plain_rank, stgc_rank in zip(plain, single_pass):
         # plain: DDP reduces fp32 gradients, dense ones over DP x CP, expert ones over expert-DP
         assert plain_rank["expert_dp"] == 4 * plain_rank["expert_params"]
         assert plain_rank["dp_cp"] >= 4 * plain_rank["dense_params"]
@@ -97,27 +106,20 @@ def test_stgc_extra_expert_dp_bytes_match_the_parameter_formula():
         assert stgc_rank["expert_dp"] - plain_rank["expert_dp"] == stgc_rank["predicted"]
 
 
-def test_each_mean_source_sends_what_the_formula_says():
+@pytest.mark.parametrize("source", ["micro-batch-bf16", "previous-step", "local"])
+def test_each_mean_source_sends_what_the_formula_says(plain, source):
     """bf16 halves STGC's all-reduce; previous-step (after its first step) and local send
     none of it: expert-DP bytes = DDP's + the formula, per source."""
-    plain = run_on_ranks(_stgc_step_bytes, WORLD, False)
-    for source in ("micro-batch-bf16", "previous-step", "local"):
-        results = run_on_ranks(_stgc_step_bytes, WORLD, True, source)
-        for plain_rank, rank in zip(plain, results):
-            extra = rank["expert_dp"] - plain_rank["expert_dp"]
-            assert extra == rank["predicted"], source
-        if source == "micro-batch-bf16":
-            assert all(r["predicted"] > 0 for r in results)
-        else:
-            assert all(r["predicted"] == 0 for r in results)
+    results = run_on_ranks(_stgc_step_bytes, WORLD, True, source)
+    for plain_rank, rank in zip(plain, results):
+        assert rank["expert_dp"] - plain_rank["expert_dp"] == rank["predicted"]
+        assert (rank["predicted"] > 0) == (source == "micro-batch-bf16")
 
 
-def test_two_pass_identify_pass_reduces_no_gradients():
+def test_two_pass_identify_pass_reduces_no_gradients(plain, single_pass):
     """The identify pass's gradients are thrown away, so DDP must not reduce them: a two-pass
     step reduces dense gradients once, like plain, and expert ones once plus STGC's."""
-    plain = run_on_ranks(_stgc_step_bytes, WORLD, False)
-    single = run_on_ranks(_stgc_step_bytes, WORLD, True)
     two = run_on_ranks(_stgc_step_bytes, WORLD, True, "micro-batch", "two-pass")
-    for plain_rank, single_rank, two_rank in zip(plain, single, two):
+    for plain_rank, single_rank, two_rank in zip(plain, single_pass, two):
         assert two_rank["dp_cp"] == plain_rank["dp_cp"]
         assert two_rank["expert_dp"] == single_rank["expert_dp"]
