@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import build_tiny, rank_micro_batches, run_on_ranks, synthetic_global_batch, \
-    tiny_config
+from dist_utils import TINY_VOCAB, build_tiny, rank_micro_batches, run_on_ranks, \
+    synthetic_global_batch, tiny_config
 
 WORLD = 4
 
@@ -48,17 +48,23 @@ def test_counter_matches_hand_computed_bytes():
         }
 
 
-def _stgc_step_bytes(rank, world_size, stgc, mean_source="micro-batch", mode="single-pass"):
+# (variant name, --stgc, --stgc-mean-source, --stgc-mode); all counted in one 4-rank start
+VARIANTS = [("plain", False, "micro-batch", "single-pass"),
+            ("single-pass", True, "micro-batch", "single-pass"),
+            ("micro-batch-bf16", True, "micro-batch-bf16", "single-pass"),
+            ("previous-step", True, "previous-step", "single-pass"),
+            ("local", True, "local", "single-pass"),
+            ("two-pass", True, "micro-batch", "two-pass")]
+
+
+def _variant_step_bytes(config, objects, mean_source, mode, stgc):
     from megatron_stgc.analysis.comm_count import CollectiveCounter, megatron_group_names
     from megatron_stgc.stgc.attached import stgc_layers
     from megatron_stgc.stgc.comm_cost import stgc_payload_per_micro_batch
+    from megatron_stgc.stgc.two_pass import two_pass_train_step
     from megatron_stgc.training.step import train_step
     from megatron_stgc.training.stgc_hooks import after_stgc_step
-    from megatron_stgc.stgc.two_pass import two_pass_train_step
 
-    config = tiny_config(expert_parallel=2, global_batch_size=16, stgc=stgc,
-                         stgc_mean_source=mean_source)
-    objects = build_tiny(config)
     micro = rank_micro_batches(synthetic_global_batch(16, 16), 2)  # 2 micro-batches per rank
 
     def step():
@@ -72,6 +78,7 @@ def _stgc_step_bytes(rank, world_size, stgc, mean_source="micro-batch", mode="si
 
     if mean_source == "previous-step":  # its first step falls back to micro-batch
         after_stgc_step(objects.model, step().update_successful)
+    dist.barrier()
     with CollectiveCounter(megatron_group_names()) as counter:
         step()
     model = objects.unwrapped_model
@@ -87,14 +94,37 @@ def _stgc_step_bytes(rank, world_size, stgc, mean_source="micro-batch", mode="si
             "predicted": predicted}
 
 
-@pytest.fixture(scope="module")
-def plain():
-    return run_on_ranks(_stgc_step_bytes, WORLD, False)
+def _all_variants_step_bytes(rank, world_size):
+    """{variant: bytes of one counted training step}, every variant built in this process."""
+    from megatron_stgc.training.setup import build_model_and_optimizer
+    from megatron_stgc.training.train import seed_everything
+
+    results = {}
+    for index, (name, stgc, mean_source, mode) in enumerate(VARIANTS):
+        config = tiny_config(expert_parallel=2, global_batch_size=16, stgc=stgc,
+                             stgc_mean_source=mean_source)
+        if index == 0:
+            objects = build_tiny(config)  # megatron's parallel state, once
+        else:
+            seed_everything(config.training.seed)
+            objects = build_model_and_optimizer(config, TINY_VOCAB)
+        results[name] = _variant_step_bytes(config, objects, mean_source, mode, stgc)
+    return results
 
 
 @pytest.fixture(scope="module")
-def single_pass():
-    return run_on_ranks(_stgc_step_bytes, WORLD, True)
+def counted():
+    return run_on_ranks(_all_variants_step_bytes, WORLD)
+
+
+@pytest.fixture(scope="module")
+def plain(counted):
+    return [rank["plain"] for rank in counted]
+
+
+@pytest.fixture(scope="module")
+def single_pass(counted):
+    return [rank["single-pass"] for rank in counted]
 
 
 def test_stgc_extra_expert_dp_bytes_match_the_parameter_formula(plain, single_pass):
@@ -107,19 +137,19 @@ def test_stgc_extra_expert_dp_bytes_match_the_parameter_formula(plain, single_pa
 
 
 @pytest.mark.parametrize("source", ["micro-batch-bf16", "previous-step", "local"])
-def test_each_mean_source_sends_what_the_formula_says(plain, source):
+def test_each_mean_source_sends_what_the_formula_says(counted, plain, source):
     """bf16 halves STGC's all-reduce; previous-step (after its first step) and local send
     none of it: expert-DP bytes = DDP's + the formula, per source."""
-    results = run_on_ranks(_stgc_step_bytes, WORLD, True, source)
+    results = [rank[source] for rank in counted]
     for plain_rank, rank in zip(plain, results):
         assert rank["expert_dp"] - plain_rank["expert_dp"] == rank["predicted"]
         assert (rank["predicted"] > 0) == (source == "micro-batch-bf16")
 
 
-def test_two_pass_identify_pass_reduces_no_gradients(plain, single_pass):
+def test_two_pass_identify_pass_reduces_no_gradients(counted, plain, single_pass):
     """The identify pass's gradients are thrown away, so DDP must not reduce them: a two-pass
     step reduces dense gradients once, like plain, and expert ones once plus STGC's."""
-    two = run_on_ranks(_stgc_step_bytes, WORLD, True, "micro-batch", "two-pass")
+    two = [rank["two-pass"] for rank in counted]
     for plain_rank, single_rank, two_rank in zip(plain, single_pass, two):
         assert two_rank["dp_cp"] == plain_rank["dp_cp"]
         assert two_rank["expert_dp"] == single_rank["expert_dp"]

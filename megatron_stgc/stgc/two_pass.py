@@ -76,13 +76,27 @@ def zero_module_grads(model) -> None:
                 torch.nn.init.zeros_(param.main_grad)
 
 
+def _check_identify_can_skip_reduction(chunks, config) -> None:
+    """Settings under which skipping finalize_model_grads after the identify pass would
+    change the apply pass: refused by name."""
+    for chunk in chunks:
+        if getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False):
+            raise ValueError("STGC two-pass does not support overlap_grad_reduce (the identify "
+                             "pass's bucket reductions would still be in flight)")
+    if "global_aux_loss" in str(getattr(config, "moe_router_load_balancing_type", "")):
+        raise ValueError("STGC two-pass does not support global_aux_loss (its token counts "
+                         "would carry the identify pass into the apply pass)")
+
+
 @contextmanager
 def _without_gradient_reduction(model):
     """The identify pass's gradients are thrown away: do not let the schedule reduce them
     over DP and expert-DP (megatron's finalize_model_grads_func, skipped when None)."""
     from megatron.core.utils import get_model_config
 
-    config = get_model_config(model[0] if isinstance(model, (list, tuple)) else model)
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    config = get_model_config(chunks[0])
+    _check_identify_can_skip_reduction(chunks, config)
     finalize = config.finalize_model_grads_func
     config.finalize_model_grads_func = None
     try:
