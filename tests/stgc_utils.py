@@ -128,3 +128,16 @@ def load_global_state(layer, state: dict) -> None:
                 index, rest = tail.split(".", 1)
                 source = f"{head}.local_experts.{int(index) + offset}.{rest}"
             tensor.copy_(state[source])
+
+
+def forget_tracked_moe_metric(name: str) -> None:
+    """Drop ``name`` from megatron's MoE metric tracker. The tracker is process-global: it
+    keeps values other tests recorded and sizes an entry by the first num_layers it sees."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # 0.16, 0.17
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().pop(name, None)
+        return
+    get_moe_metrics_tracker()._metrics.pop(name, None)

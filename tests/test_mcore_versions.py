@@ -107,22 +107,11 @@ def test_a_built_model_without_stgc_layers_is_an_error():
         check_stgc_attached(layer)
 
 
-def _forget_tracked_metric(name: str) -> None:
-    """megatron's MoE metric tracker is process-global and sizes an entry by the first
-    num_layers it sees; tests with other layer counts ran earlier in this process."""
-    try:
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-    except ImportError:  # 0.16, 0.17
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        get_moe_layer_wise_logging_tracker().pop(name, None)
-        return
-    get_moe_metrics_tracker()._metrics.pop(name, None)
-
-
 def test_stgc_token_loss_reaches_megatrons_moe_tracker():
     init_single_process()
-    _forget_tracked_metric("stgc_token_loss")
+    from stgc_utils import forget_tracked_moe_metric
+
+    forget_tracked_moe_metric("stgc_token_loss")  # test_ltdr sized it for 1 layer
     record_moe_metric("stgc_token_loss", torch.tensor(0.3), layer_number=1, num_layers=4)
     record_moe_metric("stgc_token_loss", torch.tensor(0.5), layer_number=3, num_layers=4)
     reported = report_moe_metrics(loss_scale=1.0, num_layers=4, moe_layer_freq=2)
