@@ -86,11 +86,11 @@ class MeanAudit:
         ref_cos = row_cosines(linears, reference)  # [N]
         judged = ~torch.isnan(ref_cos)
         ref_flags = conflict_mask(ref_cos, self.tau) & judged
-        exact = self._source_cosines("micro-batch", linears, micro, expert)
-        exact_flags = conflict_mask(exact, self.tau) & judged
+        cosines = {source: self._source_cosines(source, linears, micro, expert)
+                   for source in AUDITED}
+        exact_flags = conflict_mask(cosines["micro-batch"], self.tau) & judged
         rows = []
-        for source in AUDITED:
-            cos = self._source_cosines(source, linears, micro, expert)
+        for source, cos in cosines.items():
             if cos is None:  # previous-step on the first audited step
                 rows.append(torch.zeros(len(COUNT_NAMES), dtype=torch.float64,
                                         device=ref_cos.device))
