@@ -57,6 +57,10 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     use_te: Optional[bool] = None  # None = TE spec when CUDA is available
+    # MoE placement as one 0/1 per layer ("1,0,1,0"; megatron-core's list form of
+    # moe_layer_freq); overrides --moe-layer-freq. For placements an every-N-th-layer rule
+    # cannot express (MoE-LLaVA's moe_layers_idx with moe_mode first_half / second_half)
+    moe_layer_pattern: Optional[str] = None
 
 
 @dataclass
@@ -77,6 +81,10 @@ class VisionConfig:
     freeze_lm: bool = False  # no updates to the language model except its MoE layers (stage III)
     pretrained_checkpoint: Optional[str] = None  # tools/convert_hf_to_megatron.py output
     moe_use_upcycling: bool = False  # pretrained dense FFNs -> each expert (MoE-LLaVA stage III)
+    # SigLIP: drop the tower's first output token, a patch (SigLIP has no class token), as
+    # MoE-LLaVA's mm_vision_select_feature 'patch' does (siglip_encoder.py:34-35): 728 image
+    # tokens at 384 px / patch 14 instead of 729. CLIP's class token: --disable-vision-class-token
+    vision_drop_first_patch: bool = False
 
 
 @dataclass
@@ -402,6 +410,7 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
 
     if m.num_experts is None:
         _require(ep == 1, f"--expert-model-parallel-size ({ep}) > 1 needs --num-experts")
+        _require(m.moe_layer_pattern is None, "--moe-layer-pattern needs --num-experts")
         _require(not config.stgc.enabled, "--stgc needs an MoE model: set --num-experts")
     else:
         _require(m.num_experts >= 1, f"--num-experts must be >= 1, got {m.num_experts}")
@@ -414,6 +423,12 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
         _require(m.moe_layer_freq <= m.num_layers,
                  f"--moe-layer-freq ({m.moe_layer_freq}) must be <= --num-layers ({m.num_layers}) "
                  "or no layer would be MoE")
+        if m.moe_layer_pattern is not None:
+            pattern = parse_moe_layer_pattern(m.moe_layer_pattern)
+            _require(len(pattern) == m.num_layers,
+                     f"--moe-layer-pattern has {len(pattern)} entries; it needs one per layer "
+                     f"(--num-layers {m.num_layers})")
+            _require(1 in pattern, "--moe-layer-pattern marks no layer as MoE (no 1)")
         _require(m.moe_token_dispatcher_type in ("alltoall", "allgather"),
                  f"--moe-token-dispatcher-type must be 'alltoall' or 'allgather', got "
                  f"{m.moe_token_dispatcher_type!r}")
@@ -525,12 +540,34 @@ def _validate_ltdr(config: RunConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
+def parse_moe_layer_pattern(text: str) -> list[int]:
+    """'1,0,1,0' (or '[1, 0, 1, 0]') -> [1, 0, 1, 0]; ConfigError naming the flag otherwise."""
+    items = [item.strip() for item in str(text).strip().strip("[]").split(",")]
+    _require(all(item in ("0", "1") for item in items),
+             f"--moe-layer-pattern must be a comma-separated list of 0 and 1 (one per layer, "
+             f"1 = MoE layer), got {text!r}")
+    return [int(item) for item in items]
+
+
+def moe_layer_freq_value(config: RunConfig):
+    """What megatron-core's TransformerConfig.moe_layer_freq gets: the --moe-layer-pattern
+    list when given, else the --moe-layer-freq integer."""
+    m = config.model
+    if m.moe_layer_pattern is not None:
+        return parse_moe_layer_pattern(m.moe_layer_pattern)
+    return m.moe_layer_freq
+
+
 def moe_layer_indices(config: RunConfig) -> list[int]:
-    """0-based decoder layers that are MoE layers (megatron-core's --moe-layer-freq rule)."""
+    """0-based decoder layers that are MoE layers (megatron-core's --moe-layer-freq rule, or
+    the --moe-layer-pattern list)."""
     m = config.model
     if m.num_experts is None:
         return []
-    return [i for i in range(m.num_layers) if i % m.moe_layer_freq == 0]
+    freq = moe_layer_freq_value(config)
+    if isinstance(freq, list):
+        return [i for i, is_moe in enumerate(freq) if is_moe]
+    return [i for i in range(m.num_layers) if i % freq == 0]
 
 
 def _validate_stgc_mean_source(config: RunConfig) -> None:
@@ -585,6 +622,10 @@ def _validate_vision(config: RunConfig) -> None:
                  f"--patch-dim ({v.patch_dim})")
         _require(v.vision_model_type != "siglip" or v.disable_vision_class_token,
                  "--vision-model-type siglip has no class token: keep --disable-vision-class-token")
+        _require(v.vision_model_type == "siglip" or not v.vision_drop_first_patch,
+                 "--vision-drop-first-patch is for --vision-model-type siglip (its first output "
+                 "is a patch); CLIP's first output is its class token: use "
+                 "--disable-vision-class-token")
         _require(config.parallel.tensor_model_parallel_size == 1,
                  "--vision-model-type with --tensor-model-parallel-size > 1 is not supported yet")
         if d.image_root is not None:

@@ -1,7 +1,8 @@
 """Hugging Face -> megatron-core weights for our LLaVA-style model (TP=1, full tensors).
 
 * ``hf_clip``: transformers CLIPVisionModel -> megatron-core CLIPViTModel
-  (``megatron_stgc.model.vision.build_vision_model``).
+  (``megatron_stgc.model.vision.build_vision_model``); ``hf_siglip``: SiglipVisionModel ->
+  the same class, subtype siglip.
 * ``hf_stablelm``: transformers StableLmForCausalLM -> dense megatron-core
   GPTModel (``megatron_stgc.model.gpt.build_gpt_model`` with ``--num-experts none``).
 
@@ -21,7 +22,9 @@ then its value head: [g0: q.. k v | g1: q.. k v | ...] along the output dim.
 ``convert_pretrained`` / ``write_pretrained`` are what
 tools/convert_hf_to_megatron.py runs: ``model.pt`` = {"model": state dict with
 keys prefixed ``vision_model.`` / ``language_model.``} and ``args.yaml`` = the
-flags (flat YAML, usable with ``--config``).
+flags (flat YAML, usable with ``--config``). ``llava.convert_llava_checkpoint`` converts
+a whole LLaVA-format checkpoint (MoE-LLaVA's, LLaVA-1.5's, transformers'; dense or
+MoE-LLaVA MoE) into the same files, ``vision_projection.`` included (docs/CONVERT.md).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
 
     ``padded_vocab_size`` None: the HF vocabulary rounded up to a multiple of 128.
     """
-    from megatron_stgc.convert import hf_clip, hf_stablelm
+    from megatron_stgc.convert import hf_stablelm
 
     if vision_dir is None and language_dir is None:
         raise ConversionError("nothing to convert: give a vision model, a language model or both")
@@ -97,10 +100,10 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
     flags: dict = {}
     parts = []
     if vision_dir is not None:
-        hf_state, hf_config = hf_clip.load_hf_clip_vision(vision_dir, log)
-        flags.update(hf_clip.clip_vision_flags(hf_config, vision_num_layers))
-        parts.append(("vision_model", hf_clip.convert_clip_vision(
-            hf_state, hf_config, flags["vision_num_layers"])))
+        load, flags_of, convert = vision_converter(vision_dir)
+        hf_state, hf_config = load(vision_dir, log)
+        flags.update(flags_of(hf_config, vision_num_layers))
+        parts.append(("vision_model", convert(hf_state, hf_config, flags["vision_num_layers"])))
     if language_dir is not None:
         hf_state, hf_config = hf_stablelm.load_hf_stablelm(language_dir, log)
         flags.update(hf_stablelm.stablelm_flags(hf_config))
@@ -116,10 +119,52 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
     return state, flags
 
 
+def vision_converter(directory: str):
+    """(load, flags, convert) of the tower in ``directory``: CLIP or SigLIP, by config.json."""
+    from megatron_stgc.convert import hf_clip, hf_siglip
+    from megatron_stgc.convert.checkpoint_files import read_config
+
+    config = read_config(directory, "--vision-model")
+    model_type = config.get("model_type")
+    if model_type in ("clip", "clip_vision_model"):
+        return hf_clip.load_hf_clip_vision, hf_clip.clip_vision_flags, hf_clip.convert_clip_vision
+    if model_type in ("siglip", "siglip_vision_model"):
+        return (hf_siglip.load_hf_siglip_vision, hf_siglip.siglip_vision_flags,
+                hf_siglip.convert_siglip_vision)
+    raise ConversionError(f"--vision-model {directory}: config.json model_type {model_type!r}; "
+                          "CLIP and SigLIP vision towers convert")
+
+
+def check_output_free(output_dir: str) -> None:
+    """The converter writes a new directory: an existing non-empty one is an error (checked
+    before any conversion work)."""
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise ConversionError(f"--output {output_dir} already exists and is not an empty "
+                              "directory; give a new directory")
+
+
 def write_pretrained(output_dir: str, state: dict[str, torch.Tensor], flags: dict) -> None:
-    """OUTPUT/model.pt ({"model": state}) and OUTPUT/args.yaml (flat flags)."""
-    os.makedirs(output_dir, exist_ok=True)
-    torch.save({"model": {key: value.contiguous() for key, value in state.items()}},
-               os.path.join(output_dir, "model.pt"))
-    with open(os.path.join(output_dir, "args.yaml"), "w") as f:
-        yaml.safe_dump(flags, f, sort_keys=False)
+    """OUTPUT/model.pt ({"model": state}) and OUTPUT/args.yaml (flat flags).
+
+    Written into a temporary directory beside OUTPUT and renamed at the end, so a failure
+    (disk full, interrupt) leaves no partial OUTPUT."""
+    import shutil
+    import tempfile
+
+    check_output_free(output_dir)
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.",
+                               suffix=".partial", dir=parent)
+    try:
+        torch.save({"model": {key: value.contiguous() for key, value in state.items()}},
+                   os.path.join(staging, "model.pt"))
+        with open(os.path.join(staging, "args.yaml"), "w") as f:
+            yaml.safe_dump(flags, f, sort_keys=False)
+        os.chmod(staging, 0o755)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (check_output_free)
+        os.rename(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

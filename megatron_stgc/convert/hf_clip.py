@@ -20,6 +20,15 @@ i.e. HF ``hidden_states[num_hidden_layers - 1]``, so the default is
 ``num_hidden_layers - 1`` layers and megatron's output (which has no final
 norm) is exactly that tensor. ``post_layernorm`` (pooled output only) and the
 text tower are not used by LLaVA and are skipped.
+
+Checked against MoE-LLaVA (``moellava/model/multimodal_encoder/clip_encoder.py:31-39``):
+its CLIP tower returns ``hidden_states[mm_vision_select_layer]`` (-2 in every
+``scripts/v1/*/finetune*.sh``) and, for the default ``mm_vision_select_feature`` 'patch',
+drops token 0, the class token; ``hidden_states[0]`` is taken after ``pre_layrnorm``, as our
+``ln_pre`` is applied. So this tower with ``num_hidden_layers - 1`` layers and
+``--disable-vision-class-token`` computes MoE-LLaVA's image features:
+tests/test_convert_llava.py (transformers' LLaVA with the same selection) and
+tests/test_convert_moe_llava.py (MoE-LLaVA's layout), max abs logit diff ~2e-6.
 """
 
 from __future__ import annotations
@@ -83,18 +92,20 @@ def clip_vision_flags(hf_vision_config, num_layers: Optional[int] = None) -> dic
     }
 
 
-def _layer(hf: dict, src: str, dst: str, heads: int) -> dict[str, torch.Tensor]:
-    """One encoder layer: HF ``src`` prefix -> megatron ``dst`` prefix."""
+def encoder_layer(hf: dict, src: str, dst: str, heads: int,
+                  what: str = WHAT) -> dict[str, torch.Tensor]:
+    """One encoder layer: HF ``src`` prefix -> megatron ``dst`` prefix (CLIP and SigLIP
+    encoder layers have the same names)."""
     attn = f"{src}self_attn."
     out = {}
     for name in ("weight", "bias"):
-        out[f"{dst}input_layernorm.{name}"] = take(hf, f"{src}layer_norm1.{name}", WHAT)
+        out[f"{dst}input_layernorm.{name}"] = take(hf, f"{src}layer_norm1.{name}", what)
         out[f"{dst}self_attention.linear_qkv.{name}"] = fuse_qkv(
-            *(take(hf, f"{attn}{p}_proj.{name}", WHAT) for p in "qkv"), heads, heads)
-        out[f"{dst}self_attention.linear_proj.{name}"] = take(hf, f"{attn}out_proj.{name}", WHAT)
-        out[f"{dst}pre_mlp_layernorm.{name}"] = take(hf, f"{src}layer_norm2.{name}", WHAT)
-        out[f"{dst}mlp.linear_fc1.{name}"] = take(hf, f"{src}mlp.fc1.{name}", WHAT)
-        out[f"{dst}mlp.linear_fc2.{name}"] = take(hf, f"{src}mlp.fc2.{name}", WHAT)
+            *(take(hf, f"{attn}{p}_proj.{name}", what) for p in "qkv"), heads, heads)
+        out[f"{dst}self_attention.linear_proj.{name}"] = take(hf, f"{attn}out_proj.{name}", what)
+        out[f"{dst}pre_mlp_layernorm.{name}"] = take(hf, f"{src}layer_norm2.{name}", what)
+        out[f"{dst}mlp.linear_fc1.{name}"] = take(hf, f"{src}mlp.fc1.{name}", what)
+        out[f"{dst}mlp.linear_fc2.{name}"] = take(hf, f"{src}mlp.fc2.{name}", what)
     return out
 
 
@@ -115,8 +126,8 @@ def convert_clip_vision(hf_state_dict: dict, hf_vision_config,
         "ln_pre.bias": take(hf, f"{pre}pre_layrnorm.bias", WHAT),
     }
     for i in range(num_layers):
-        out.update(_layer(hf, f"{pre}encoder.layers.{i}.", f"decoder.layers.{i}.",
-                          c.num_attention_heads))
+        out.update(encoder_layer(hf, f"{pre}encoder.layers.{i}.", f"decoder.layers.{i}.",
+                                 c.num_attention_heads))
     return {key: value.detach().clone() for key, value in out.items()}
 
 

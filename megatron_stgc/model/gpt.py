@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_stgc.config import RunConfig, fill_defaults
+from megatron_stgc.config import RunConfig, fill_defaults, moe_layer_freq_value
 from megatron_stgc.model.expert_bias import install_expert_bias_fix
 from megatron_stgc.model.specs import build_layer_specs
 
@@ -100,7 +100,7 @@ def transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = Non
         moe_router_topk=m.moe_router_topk,
         moe_router_pre_softmax=(m.moe_router_topk == 1 if m.moe_router_pre_softmax is None
                                 else m.moe_router_pre_softmax),
-        moe_layer_freq=m.moe_layer_freq,
+        moe_layer_freq=moe_layer_freq_value(config),  # int, or the --moe-layer-pattern list
         moe_aux_loss_coeff=m.moe_aux_loss_coeff if moe else 0.0,
         moe_router_load_balancing_type="aux_loss",
         moe_expert_capacity_factor=m.moe_expert_capacity_factor,

@@ -11,10 +11,12 @@ routers need it for per-modality statistics).
 
 Data flow of ``forward``::
 
-    images [n_img, 3, H, W] --ViT--> [n_img, P(+1), vh] --drop cls--> [n_img, P, vh]
-        --projector--> [n_img, P, h]
+    images [n_img, 3, H, W] --ViT--> [n_img, P(+1), vh] --drop cls--> [n_img, P', vh]
+        (the first ``class_token_len`` outputs: CLIP's class token, or SigLIP's first patch
+        as MoE-LLaVA drops it; ``model.vision.leading_tokens_dropped``)
+        --projector--> [n_img, P', h]
     tokens [b, s] --word embeddings--> [s, b, h]; positions holding image_token_id
-        get the n_img * P image embeddings (row-major over [b, s])
+        get the n_img * P' image embeddings (row-major over [b, s])
     --> GPT decoder (MoE layers see the modality mask) --> per-token loss [b, s]
 """
 
@@ -130,16 +132,15 @@ def build_llava_model(config: RunConfig, language_model: GPTModel,
                       image_token_id: int) -> MoELLaVAModel:
     """Wrap an already built MoE GPT with the vision tower and projector of ``config.vision``."""
     from megatron_stgc.model.gpt import use_transformer_engine
-    from megatron_stgc.model.vision import build_vision_model
+    from megatron_stgc.model.vision import build_vision_model, leading_tokens_dropped
 
     vision_model = build_vision_model(config)
     projection = MultimodalProjector(
         projector_config(language_model.config), projector_submodules(use_transformer_engine(config)),
         projector_type="mlp", input_size=config.vision.vision_hidden_size)
+    dropped = leading_tokens_dropped(config)
     return MoELLaVAModel(language_model, vision_model, projection, image_token_id,
-                         drop_class_token=config.vision.disable_vision_class_token,
-                         class_token_len=getattr(vision_model, "class_token_len", 1)
-                         if getattr(vision_model, "add_class_token", False) else 0)
+                         drop_class_token=dropped > 0, class_token_len=dropped)
 
 
 def _require_count(mask: torch.Tensor, expected: int, message: str) -> None:

@@ -65,6 +65,7 @@ def upcycled_language_state(language_model: torch.nn.Module, dense_state: dict,
 
     dense_config = copy.deepcopy(config)
     dense_config.model.num_experts = None
+    dense_config.model.moe_layer_pattern = None
     dense_config.parallel.expert_model_parallel_size = 1  # no experts to place
     dense_config.stgc.enabled = False
     dense_config.ltdr.enabled = False
@@ -74,6 +75,16 @@ def upcycled_language_state(language_model: torch.nn.Module, dense_state: dict,
     # upcycle_state_dict also emits expert keys for the dense layers between MoE layers
     wanted = language_model.state_dict().keys()
     return {key: value for key, value in moe_state.items() if key in wanted}
+
+
+def _require_dense(language_state: dict, path: str) -> None:
+    """--moe-use-upcycling copies dense FFNs into experts: an MoE checkpoint (routers present,
+    e.g. a converted MoE-LLaVA stage-III model) is loaded as it is instead."""
+    routers = [key for key in language_state if ".mlp.router." in key]
+    if routers:
+        raise ValueError(f"--pretrained-checkpoint {path}: the language model is already MoE "
+                         f"(it has {routers[0]!r} and {len(routers) - 1} more router weights); "
+                         "drop --moe-use-upcycling to load its experts and routers as they are")
 
 
 def load_pretrained(model: torch.nn.Module, config: RunConfig, vocab_size: int) -> str:
@@ -87,6 +98,7 @@ def load_pretrained(model: torch.nn.Module, config: RunConfig, vocab_size: int) 
             continue
         state = parts[part]
         if part == "language_model" and config.vision.moe_use_upcycling:
+            _require_dense(state, path)
             state = upcycled_language_state(module, state, config, vocab_size)
             part += " (upcycled)"
         conversion = _load_strict(module, state, part)

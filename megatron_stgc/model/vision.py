@@ -10,10 +10,17 @@
   the same megatron-core modules. With Transformer Engine megatron-core's own
   TE ViT spec is used (it already has ``no_mask``).
 * ``build_vision_model`` builds the CLIPViTModel: conv patch embedding,
-  class token (CLIP only), learned position embeddings, ``ln_pre`` (CLIP) or
-  ``ln_post`` (SigLIP), then ``vision_num_layers`` layers and no final norm.
-  Its output is [n_img, P(+1), vision_hidden_size].
-* ``num_image_tokens`` is how many language-model positions one image takes.
+  class token (CLIP only), learned position embeddings, ``ln_pre`` (CLIP only),
+  then ``vision_num_layers`` layers and NO final norm, for both towers: the output
+  is the hidden state after ``vision_num_layers`` layers, the tensor LLaVA / MoE-LLaVA
+  select (``hidden_states[mm_vision_select_layer]``; the converters keep all layers but
+  the last for ``-2``). megatron-core's siglip subtype would apply ``ln_post`` after the
+  last layer (SigLIP's ``post_layernorm``, which MoE-LLaVA does not use): it is built
+  as ``torch.nn.Identity`` here. Output [n_img, P(+1), vision_hidden_size].
+* ``num_image_tokens`` is how many language-model positions one image takes;
+  ``leading_tokens_dropped`` how many of the tower's first outputs the LLaVA model drops
+  (CLIP's class token with ``--disable-vision-class-token``; SigLIP's first patch with
+  ``--vision-drop-first-patch``, as MoE-LLaVA's siglip_encoder.py:34-35 does).
 """
 
 from __future__ import annotations
@@ -145,7 +152,7 @@ def build_vision_model(config: RunConfig) -> CLIPViTModel:
         vision_transformer_config(config),
         vit_layer_spec(use_te),
         ln_pre_impl=_norm_impl(use_te),
-        ln_post_impl=_norm_impl(use_te),
+        ln_post_impl=torch.nn.Identity,  # no final norm (see the module docstring)
         add_class_token=clip,
         class_token_len=CLASS_TOKEN_LEN if clip else 0,
         patch_dim=v.patch_dim,
@@ -155,9 +162,20 @@ def build_vision_model(config: RunConfig) -> CLIPViTModel:
     )
 
 
+def leading_tokens_dropped(config: RunConfig) -> int:
+    """How many of the tower's first output tokens the LLaVA model drops before the projector:
+    CLIP's class token (--disable-vision-class-token), SigLIP's first patch
+    (--vision-drop-first-patch, MoE-LLaVA's 'patch' selection)."""
+    v = config.vision
+    if v.vision_model_type == "clip":
+        return CLASS_TOKEN_LEN if v.disable_vision_class_token else 0
+    return 1 if v.vision_drop_first_patch else 0
+
+
 def num_image_tokens(config: RunConfig) -> int:
-    """Language-model positions per image: patches, plus the class token when it is kept."""
+    """Language-model positions per image: the tower's outputs (patches, plus CLIP's class
+    token) less the leading ones dropped."""
     v = config.vision
     patches = (v.img_h // v.patch_dim) * (v.img_w // v.patch_dim)
-    keeps_class_token = v.vision_model_type == "clip" and not v.disable_vision_class_token
-    return patches + (CLASS_TOKEN_LEN if keeps_class_token else 0)
+    outputs = patches + (CLASS_TOKEN_LEN if v.vision_model_type == "clip" else 0)
+    return outputs - leading_tokens_dropped(config)

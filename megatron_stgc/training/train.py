@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 
 from megatron_stgc import parallel
 from megatron_stgc.mcore_compat import report_moe_metrics
-from megatron_stgc.config import RunConfig, validate_run_config
+from megatron_stgc.config import RunConfig, moe_layer_freq_value, validate_run_config
 from megatron_stgc.data.dataset import PackedDataset, build_dataset, micro_batches
 from megatron_stgc.data.tokenizer import Tokenizer
 from megatron_stgc.training import elastic, metrics
@@ -125,7 +125,7 @@ def moe_aux_losses(config: RunConfig, n_micro: int) -> dict[str, float]:
     if config.model.num_experts is None:
         return {}
     totals = report_moe_metrics(loss_scale=1.0 / n_micro, num_layers=config.model.num_layers,
-                                moe_layer_freq=config.model.moe_layer_freq)
+                                moe_layer_freq=moe_layer_freq_value(config))
     return {f"moe/{name}": value for name, value in totals.items()}
 
 
