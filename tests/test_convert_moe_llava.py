@@ -309,3 +309,20 @@ def test_bad_input_names_file_and_key_and_writes_nothing(tmp_path, capsys, spoil
     assert sorted(os.listdir(tmp_path)) == ["moe_llava", "tower"]  # nothing written
     with pytest.raises(ConversionError):
         convert_llava_checkpoint(directory, None if mode == "skip" else vision_dir, log=quiet)
+
+
+def test_te_layout_checkpoint_loads_into_the_local_model(tmp_path):
+    """--te-layout (norms of dense layers fused into their linears, MoE layers keep
+    pre_mlp_layernorm): the loader renames it back; the same logits."""
+    hf = tiny_llava("clip", layers=3)
+    reference = make_moe(hf, [0, 2])
+    directory, vision_dir = write_checkpoint(tmp_path, reference, "clip", moe=moe_section([0, 2]))
+    state, flags = convert_llava_checkpoint(directory, vision_dir, te_layout=True, log=quiet)
+    assert "language_model.decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in state
+    assert "language_model.decoder.layers.0.pre_mlp_layernorm.weight" in state  # MoE layer
+    write_pretrained(str(tmp_path / "ours"), state, flags)
+    model, notes = our_model(flags, str(tmp_path / "ours"))
+    assert "language_model (TE -> local layout)" in notes[0]
+    ids, ours, pixels = sample_inputs("clip")
+    diff = (our_logits(model, ours, pixels) - hf_logits(reference, ids, pixels)).abs().max().item()
+    assert diff <= TOL
