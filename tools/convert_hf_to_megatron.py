@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     try:
         check_output_free(args.output)
         state, flags = convert(args)
+        print(f"writing {args.output} ({len(state)} tensors)")
         write_pretrained(args.output, state, flags)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -200,8 +200,11 @@ def convert_language(parts: LlavaParts, ckpt: CheckpointDir, padded_vocab_size: 
     log(f"language model: {family}, vocab {hf_config.vocab_size} padded to {rows} rows")
 
     unused_ok = LM_BUFFERS + (("lm_head.weight",) if hf_config.tie_word_embeddings else ())
+    views = iter(range(1, 1 << 30))
 
     def convert_view(view: dict) -> dict:
+        if moe_llava_config.is_moe(ckpt.config):
+            log(f"  converting expert view {next(views)} of {flags['num_experts']}")
         recorder = _ReadRecorder(view)
         out = convert(recorder, hf_config, rows)
         _require_all_read(view, recorder.read | {k for k in view if k.endswith(unused_ok)},
