@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert Hugging Face CLIP vision / StableLM weights into a --pretrained-checkpoint.
+"""Convert Hugging Face CLIP vision / language-model weights into a --pretrained-checkpoint.
 
     python tools/convert_hf_to_megatron.py \\
         --vision-model /models/clip-vit-large-patch14-336 \\
@@ -13,9 +13,14 @@ trains it). OUTPUT/args.yaml holds the model flags (flat YAML, pass it with
 ``--config``; add --num-experts ... --moe-use-upcycling for an MoE start).
 
 Inputs are transformers ``save_pretrained`` directories: a CLIPVisionModel or
-CLIPModel (``--vision-model``) and a StableLmForCausalLM (``--language-model``);
-either may be left out. The ViT keeps the first ``--vision-num-layers`` layers
-(default: all but the last, since LLaVA uses the penultimate layer's output).
+CLIPModel (``--vision-model``) and a language model (``--language-model``):
+StableLM-2 (StableLmForCausalLM), Phi-2 (PhiForCausalLM), Qwen2 / Qwen1.5 / Qwen2.5
+(Qwen2ForCausalLM) or Qwen-1 (QWenLMHeadModel, read from config.json and its weight
+files without running its remote code), picked by config.json's model_type
+(docs/CONVERT.md); either may be left out. Everything is read and converted before
+anything is written, and the output appears whole or not at all. The ViT keeps the
+first ``--vision-num-layers`` layers (default: all but the last, since LLaVA uses the
+penultimate layer's output).
 Tensor parallel size 1 only: the tensors are written whole, in megatron's
 local-spec layout (``--te-layout`` for the Transformer Engine spec).
 The mapping is in megatron_stgc/convert/.
@@ -38,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vision-model", default=None,
                         help="CLIPVisionModel / CLIPModel save_pretrained directory")
     parser.add_argument("--language-model", default=None,
-                        help="StableLmForCausalLM save_pretrained directory")
+                        help="language model directory (config.json + weights): StableLM-2, "
+                             "Phi-2, Qwen2 or Qwen-1")
     parser.add_argument("--vision-num-layers", type=int, default=None,
                         help="ViT layers to keep (default: the HF model's layers - 1)")
     parser.add_argument("--padded-vocab-size", type=int, default=None,

@@ -2,10 +2,12 @@
 
 * ``hf_clip``: transformers CLIPVisionModel -> megatron-core CLIPViTModel
   (``megatron_stgc.model.vision.build_vision_model``).
-* ``hf_stablelm``: transformers StableLmForCausalLM -> dense megatron-core
-  GPTModel (``megatron_stgc.model.gpt.build_gpt_model`` with ``--num-experts none``).
+* language models (``language_models.FAMILIES``): StableLM-2 (``hf_stablelm``), Phi-2
+  (``hf_phi``), Qwen2 (``hf_qwen2``), Qwen-1 (``hf_qwen``) -> dense megatron-core
+  GPTModel (``megatron_stgc.model.gpt.build_gpt_model`` with ``--num-experts none``),
+  picked by config.json's model_type; weights read from the files (``hf_files``).
 
-Both are pure functions of (HF state dict, HF config) returning a state dict
+All are pure functions of (HF state dict, HF config) returning a state dict
 of the megatron module with the local (non Transformer Engine) spec; each
 also has a ``*_flags`` function that gives the run-config flags the megatron
 module must be built with. ``_extra_state`` entries (megatron's per-linear
@@ -27,6 +29,8 @@ flags (flat YAML, usable with ``--config``).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Callable, Optional
 
 import torch
@@ -66,10 +70,19 @@ def find_prefix(state_dict: dict, suffix: str, what: str) -> str:
                           f"(first keys: {list(state_dict)[:5]})")
 
 
-def take(state_dict: dict, key: str, what: str) -> torch.Tensor:
+def take(state_dict: dict, key: str, what: str,
+         shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """``state_dict[key]``; a missing key or (with ``shape``) a tensor of another shape is a
+    ConversionError naming the key and, for weights read from disk, the file."""
+    from megatron_stgc.convert.hf_files import source_of
+
     if key not in state_dict:
         raise ConversionError(f"{what}: the state dict has no {key!r}")
-    return state_dict[key]
+    tensor = state_dict[key]
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ConversionError(f"{what}: {key!r}{source_of(state_dict, key)} has shape "
+                              f"{tuple(tensor.shape)}; the config gives {tuple(shape)}")
+    return tensor
 
 
 def load_converted(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -89,7 +102,8 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
 
     ``padded_vocab_size`` None: the HF vocabulary rounded up to a multiple of 128.
     """
-    from megatron_stgc.convert import hf_clip, hf_stablelm
+    from megatron_stgc.convert import hf_clip
+    from megatron_stgc.convert.language_models import load_language_model
 
     if vision_dir is None and language_dir is None:
         raise ConversionError("nothing to convert: give a vision model, a language model or both")
@@ -102,11 +116,15 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
         parts.append(("vision_model", hf_clip.convert_clip_vision(
             hf_state, hf_config, flags["vision_num_layers"])))
     if language_dir is not None:
-        hf_state, hf_config = hf_stablelm.load_hf_stablelm(language_dir, log)
-        flags.update(hf_stablelm.stablelm_flags(hf_config))
+        family, hf_config, lm_flags, hf_state = load_language_model(language_dir, log)
+        flags.update(lm_flags)
         rows = padded_vocab_size or -(-hf_config.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        log(f"language_model: vocab {hf_config.vocab_size} padded to {rows} rows")
-        parts.append(("language_model", hf_stablelm.convert_stablelm(hf_state, hf_config, rows)))
+        log(f"language_model ({family.name}): vocab {hf_config.vocab_size} padded to {rows} rows")
+        parts.append(("language_model", family.convert(hf_state, hf_config, rows)))
+    if te_layout and flags.get("parallel_attention_mlp"):
+        raise ConversionError("--te-layout: this language model's parallel attention+MLP block "
+                              "runs on megatron-core's local spec only (one shared input norm); "
+                              "convert without --te-layout")
     for prefix, part_state in parts:
         if te_layout:
             part_state = to_te_layout(part_state)
@@ -117,9 +135,24 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
 
 
 def write_pretrained(output_dir: str, state: dict[str, torch.Tensor], flags: dict) -> None:
-    """OUTPUT/model.pt ({"model": state}) and OUTPUT/args.yaml (flat flags)."""
-    os.makedirs(output_dir, exist_ok=True)
-    torch.save({"model": {key: value.contiguous() for key, value in state.items()}},
-               os.path.join(output_dir, "model.pt"))
-    with open(os.path.join(output_dir, "args.yaml"), "w") as f:
-        yaml.safe_dump(flags, f, sort_keys=False)
+    """OUTPUT/model.pt ({"model": state}) and OUTPUT/args.yaml (flat flags).
+
+    Both are written into a temporary directory beside OUTPUT first and then moved into
+    place, so an interrupted write leaves no partial OUTPUT (an existing OUTPUT keeps its
+    old files until the new ones replace them)."""
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
+    try:
+        torch.save({"model": {key: value.contiguous() for key, value in state.items()}},
+                   os.path.join(staging, "model.pt"))
+        with open(os.path.join(staging, "args.yaml"), "w") as f:
+            yaml.safe_dump(flags, f, sort_keys=False)
+        if not os.path.exists(output_dir):
+            os.rename(staging, output_dir)
+            return
+        for name in ("model.pt", "args.yaml"):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
