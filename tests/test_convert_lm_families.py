@@ -92,9 +92,10 @@ def test_phi_parallel_block_is_what_matches():
 def test_moe_llava_phi_has_an_unbiased_head():
     """MoE-LLaVA's Phi classes replace the LM head by an unbiased one (llava_phi.py:49)."""
     hf = tiny_phi()
-    config = transformers.PhiConfig.from_dict({**hf.config.to_dict(), "model_type": "llava_phi"})
-    config.model_type = "llava_phi"
-    assert not FAMILIES["phi"].flags(config)["add_output_layer_bias"]
+    config_json = {**hf.config.to_dict(), "model_type": "llava_phi"}  # as its config.json says
+    family = family_of(config_json)
+    config = family.config(config_json)
+    assert family.name == "phi" and not family.flags(config)["add_output_layer_bias"]
     weights = {k: v for k, v in hf.state_dict().items() if k != "lm_head.bias"}
     assert "output_layer.bias" not in FAMILIES["phi"].convert(weights, config, PADDED_VOCAB)
     with pytest.raises(ConversionError, match="unbiased LM head"):
