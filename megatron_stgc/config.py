@@ -61,6 +61,13 @@ class ModelConfig:
     # moe_layer_freq); overrides --moe-layer-freq. For placements an every-N-th-layer rule
     # cannot express (MoE-LLaVA's moe_layers_idx with moe_mode first_half / second_half)
     moe_layer_pattern: Optional[str] = None
+    # Phi-2's block: one input norm feeds attention and MLP side by side,
+    # h = x + attn(ln(x)) + mlp(ln(x)) (Transformer Engine's TransformerLayer calls this
+    # parallel_attention_mlp); megatron-core's local spec only (model/parallel_block.py)
+    parallel_attention_mlp: bool = False
+    # tanh-approximated GELU (Phi-2's "gelu_new"); Megatron-LM's flag of the same name
+    openai_gelu: bool = False
+    add_output_layer_bias: bool = False  # a bias on the LM head (Phi-2's lm_head)
 
 
 @dataclass
@@ -502,6 +509,7 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
                  "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core requires it)")
 
     _require(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
+    _validate_block_layout(config)
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
     _validate_vision(config)
     _validate_ltdr(config)
@@ -520,6 +528,22 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
         _validate_stgc_layers(config)
         _validate_stgc_mean_source(config)
     _validate_with_megatron_core(config)
+
+
+def _validate_block_layout(config: RunConfig) -> None:
+    """--parallel-attention-mlp and --openai-gelu against the rest of the model flags."""
+    m = config.model
+    _require(not (m.openai_gelu and m.swiglu),
+             "--openai-gelu and --swiglu both choose the MLP activation: set one of them")
+    if not m.parallel_attention_mlp:
+        return
+    _require(not m.use_te,
+             "--parallel-attention-mlp runs on megatron-core's local spec only (the Transformer "
+             "Engine spec fuses a separate norm into linear_qkv and into the MLP's linear_fc1, "
+             "where the parallel block has one): drop --use-te")
+    _require(config.precision.fp8_format is None,
+             "--parallel-attention-mlp runs on megatron-core's local spec, which has no FP8: "
+             "drop --fp8-format")
 
 
 def _validate_ltdr(config: RunConfig) -> None:

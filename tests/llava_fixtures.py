@@ -49,16 +49,21 @@ def vision_config(tower: str, layers: int = 3):
                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH)
 
 
-def text_config(layers: int = 2, kv_heads: int = 2):
-    return transformers.StableLmConfig(
-        vocab_size=HF_VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=kv_heads, intermediate_size=128, partial_rotary_factor=0.25,
-        use_qkv_bias=True, tie_word_embeddings=False)
+def text_config(layers: int = 2, kv_heads: int = 2, family: str = "stablelm"):
+    """A tiny language model of ``family`` (the converter registry's families)."""
+    common = dict(vocab_size=HF_VOCAB, hidden_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, intermediate_size=128,
+                  tie_word_embeddings=False)
+    if family == "phi":  # parallel attention + MLP, partial rotary, biased GELU MLP and head
+        return transformers.PhiConfig(**common, partial_rotary_factor=0.5, hidden_act="gelu_new")
+    if family == "qwen2":  # RMSNorm, SwiGLU, q/k/v bias only
+        return transformers.Qwen2Config(**common)
+    return transformers.StableLmConfig(**common, partial_rotary_factor=0.25, use_qkv_bias=True)
 
 
-def tiny_llava(tower: str, layers: int = 2, seed: int = 0):
+def tiny_llava(tower: str, layers: int = 2, seed: int = 0, family: str = "stablelm"):
     config = transformers.LlavaConfig(
-        vision_config=vision_config(tower), text_config=text_config(layers),
+        vision_config=vision_config(tower), text_config=text_config(layers, family=family),
         image_token_index=HF_IMAGE_ID, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     torch.manual_seed(seed)

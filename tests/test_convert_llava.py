@@ -37,24 +37,30 @@ def converted(tmp_path, hf, name="ckpt", **kwargs):
     return flags, str(tmp_path / name)
 
 
-@pytest.mark.parametrize("tower", ["clip", "siglip"])
-def test_dense_llava_logits_equal_transformers(tmp_path, tower):
-    hf = tiny_llava(tower)
+# every vision tower, and every language family the registry converts (Phi-2's parallel
+# block, Qwen2's RMSNorm/SwiGLU), inside transformers' LLaVA
+TOWER_AND_LM = [("clip", "stablelm"), ("siglip", "stablelm"), ("clip", "phi"),
+                ("siglip", "qwen2")]
+
+
+@pytest.mark.parametrize("tower,family", TOWER_AND_LM)
+def test_dense_llava_logits_equal_transformers(tmp_path, tower, family):
+    hf = tiny_llava(tower, family=family)
     flags, checkpoint = converted(tmp_path, hf)
     assert flags["vision_model_type"] == tower and flags["vision_num_layers"] == 2  # of 3: -2
     model, notes = our_model(flags, checkpoint)
     assert "loaded vision_model, vision_projection, language_model" in notes[0]
     ids, ours, pixels = sample_inputs(tower)
     diff = (our_logits(model, ours, pixels) - hf_logits(hf, ids, pixels)).abs().max().item()
-    print(f"{tower} LLaVA max abs logit diff: {diff:.2e}")
+    print(f"{tower} + {family} LLaVA max abs logit diff: {diff:.2e}")
     assert diff <= TOL
 
 
-@pytest.mark.parametrize("tower", ["clip", "siglip"])
-def test_upcycled_llava_logits_equal_transformers(tmp_path, tower):
+@pytest.mark.parametrize("tower,family", TOWER_AND_LM)
+def test_upcycled_llava_logits_equal_transformers(tmp_path, tower, family):
     """Step 0 of stage III: every MoE layer's experts are the dense FFN, top-2 weights sum to
     one, so the MoE model computes the dense model's logits."""
-    hf = tiny_llava(tower, layers=3)
+    hf = tiny_llava(tower, layers=3, family=family)
     flags, checkpoint = converted(tmp_path, hf)
     model, notes = our_model(flags, checkpoint, num_experts=4, moe_router_topk=2,
                              moe_layer_freq=2, moe_use_upcycling=True)
@@ -63,7 +69,7 @@ def test_upcycled_llava_logits_equal_transformers(tmp_path, tower):
             if hasattr(layer.mlp, "router")] == [0, 2]
     ids, ours, pixels = sample_inputs(tower)
     diff = (our_logits(model, ours, pixels) - hf_logits(hf, ids, pixels)).abs().max().item()
-    print(f"{tower} upcycled LLaVA max abs logit diff: {diff:.2e}")
+    print(f"{tower} + {family} upcycled LLaVA max abs logit diff: {diff:.2e}")
     assert diff <= TOL
 
 

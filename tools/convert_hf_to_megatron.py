@@ -18,6 +18,8 @@ only) and ``language_model.`` (megatron-core GPTModel, dense or MoE), the attrib
 our LLaVA module, and OUTPUT/args.yaml with the model flags (flat YAML, pass it with
 ``--config``; add --num-experts ... --moe-use-upcycling to upcycle a dense LM).
 
+``--language-model`` is a StableLM-2, Phi-2, Qwen2 (Qwen1.5/2.5) or Qwen-1 directory (picked by
+config.json's model_type; Qwen-1 read without running its remote code).
 ``--vision-model`` is a CLIP or SigLIP save_pretrained directory (vision-only or full
 model). With ``--llava-checkpoint`` it names the image tower MoE-LLaVA / LLaVA-1.5 checkpoints
 only refer to (config.json ``mm_image_tower``): its config (and its weights, if present) are
@@ -49,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CLIP / SigLIP save_pretrained directory (with --llava-checkpoint: "
                              "the image tower the checkpoint names)")
     parser.add_argument("--language-model", default=None,
-                        help="StableLmForCausalLM save_pretrained directory")
+                        help="language model directory (config.json + weights): StableLM-2, "
+                             "Phi-2, Qwen2 or Qwen-1")
     parser.add_argument("--vision-num-layers", type=int, default=None,
                         help="ViT layers to keep (default: the HF model's layers - 1)")
     parser.add_argument("--padded-vocab-size", type=int, default=None,

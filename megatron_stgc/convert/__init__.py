@@ -3,10 +3,12 @@
 * ``hf_clip``: transformers CLIPVisionModel -> megatron-core CLIPViTModel
   (``megatron_stgc.model.vision.build_vision_model``); ``hf_siglip``: SiglipVisionModel ->
   the same class, subtype siglip.
-* ``hf_stablelm``: transformers StableLmForCausalLM -> dense megatron-core
-  GPTModel (``megatron_stgc.model.gpt.build_gpt_model`` with ``--num-experts none``).
+* language models (``language_models.FAMILIES``): StableLM-2 (``hf_stablelm``), Phi-2
+  (``hf_phi``), Qwen2 (``hf_qwen2``), Qwen-1 (``hf_qwen``) -> dense megatron-core
+  GPTModel (``megatron_stgc.model.gpt.build_gpt_model`` with ``--num-experts none``),
+  picked by config.json's model_type; weights read from the files (``hf_files``).
 
-Both are pure functions of (HF state dict, HF config) returning a state dict
+All are pure functions of (HF state dict, HF config) returning a state dict
 of the megatron module with the local (non Transformer Engine) spec; each
 also has a ``*_flags`` function that gives the run-config flags the megatron
 module must be built with. ``_extra_state`` entries (megatron's per-linear
@@ -30,6 +32,8 @@ MoE-LLaVA MoE) into the same files, ``vision_projection.`` included (docs/CONVER
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Callable, Optional
 
 import torch
@@ -69,10 +73,19 @@ def find_prefix(state_dict: dict, suffix: str, what: str) -> str:
                           f"(first keys: {list(state_dict)[:5]})")
 
 
-def take(state_dict: dict, key: str, what: str) -> torch.Tensor:
+def take(state_dict: dict, key: str, what: str,
+         shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """``state_dict[key]``; a missing key or (with ``shape``) a tensor of another shape is a
+    ConversionError naming the key and, for weights read from disk, the file."""
+    from megatron_stgc.convert.hf_files import source_of
+
     if key not in state_dict:
         raise ConversionError(f"{what}: the state dict has no {key!r}")
-    return state_dict[key]
+    tensor = state_dict[key]
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ConversionError(f"{what}: {key!r}{source_of(state_dict, key)} has shape "
+                              f"{tuple(tensor.shape)}; the config gives {tuple(shape)}")
+    return tensor
 
 
 def load_converted(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -92,7 +105,7 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
 
     ``padded_vocab_size`` None: the HF vocabulary rounded up to a multiple of 128.
     """
-    from megatron_stgc.convert import hf_stablelm
+    from megatron_stgc.convert.language_models import load_language_model
 
     if vision_dir is None and language_dir is None:
         raise ConversionError("nothing to convert: give a vision model, a language model or both")
@@ -105,11 +118,15 @@ def convert_pretrained(vision_dir: Optional[str] = None, language_dir: Optional[
         flags.update(flags_of(hf_config, vision_num_layers))
         parts.append(("vision_model", convert(hf_state, hf_config, flags["vision_num_layers"])))
     if language_dir is not None:
-        hf_state, hf_config = hf_stablelm.load_hf_stablelm(language_dir, log)
-        flags.update(hf_stablelm.stablelm_flags(hf_config))
+        family, hf_config, lm_flags, hf_state = load_language_model(language_dir, log)
+        flags.update(lm_flags)
         rows = padded_vocab_size or -(-hf_config.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        log(f"language_model: vocab {hf_config.vocab_size} padded to {rows} rows")
-        parts.append(("language_model", hf_stablelm.convert_stablelm(hf_state, hf_config, rows)))
+        log(f"language_model ({family.name}): vocab {hf_config.vocab_size} padded to {rows} rows")
+        parts.append(("language_model", family.convert(hf_state, hf_config, rows)))
+    if te_layout and flags.get("parallel_attention_mlp"):
+        raise ConversionError("--te-layout: this language model's parallel attention+MLP block "
+                              "runs on megatron-core's local spec only (one shared input norm); "
+                              "convert without --te-layout")
     for prefix, part_state in parts:
         if te_layout:
             part_state = to_te_layout(part_state)
@@ -148,8 +165,6 @@ def write_pretrained(output_dir: str, state: dict[str, torch.Tensor], flags: dic
 
     Written into a temporary directory beside OUTPUT and renamed at the end, so a failure
     (disk full, interrupt) leaves no partial OUTPUT."""
-    import shutil
-    import tempfile
 
     check_output_free(output_dir)
     parent = os.path.dirname(os.path.abspath(output_dir))

@@ -35,27 +35,14 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_stgc.convert import ConversionError, find_prefix, fuse_qkv, take
+from megatron_stgc.convert import find_prefix, fuse_qkv, take
+from megatron_stgc.convert.lm_common import (attention_flags, num_kv_heads, pad_vocab_rows,
+                                             raise_problems, rope_and_head_problems)
 
 WHAT = "StableLM model"
 
 
-def _rope(c) -> tuple[float, float, str]:
-    """(rope_theta, partial_rotary_factor, rope_type) from transformers 4.x or 5.x configs."""
-    params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    factor = params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
-    return theta, factor, params.get("rope_type", params.get("type", "default"))
-
-
-def _num_kv_heads(c) -> int:
-    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-
-
 def _check_supported(c) -> None:
-    theta, _, rope_type = _rope(c)
-    heads, kv_heads = c.num_attention_heads, _num_kv_heads(c)
-    head_dim = getattr(c, "head_dim", None)
     problems = []
     if getattr(c, "model_type", "stablelm") != "stablelm":
         problems.append(f"model_type {c.model_type!r} (only 'stablelm')")
@@ -65,50 +52,25 @@ def _check_supported(c) -> None:
         problems.append("use_parallel_residual (attention and MLP in parallel)")
     if c.hidden_act != "silu":
         problems.append(f"hidden_act {c.hidden_act!r} (only 'silu')")
-    if rope_type != "default":
-        problems.append(f"rope_type {rope_type!r} (only 'default', no rope scaling)")
-    if float(theta) != int(theta):
-        problems.append(f"rope_theta {theta} (only integers)")
-    if heads % kv_heads:
-        problems.append(f"num_key_value_heads {kv_heads} does not divide "
-                        f"num_attention_heads {heads}")
-    if head_dim is not None and head_dim * heads != c.hidden_size:
-        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
-    if problems:
-        raise ConversionError(f"{WHAT}: unsupported configuration: {'; '.join(problems)}")
+    raise_problems(WHAT, problems + rope_and_head_problems(c))
 
 
 def stablelm_flags(hf_config) -> dict:
     """Our flag names -> values for a dense GPTModel equal to ``hf_config``'s model."""
     c = hf_config
     _check_supported(c)
-    theta, factor, _ = _rope(c)
-    kv_heads = _num_kv_heads(c)
     return {
-        "num_layers": c.num_hidden_layers,
-        "hidden_size": c.hidden_size,
-        "ffn_hidden_size": c.intermediate_size,
-        "num_attention_heads": c.num_attention_heads,
-        "num_query_groups": None if kv_heads == c.num_attention_heads else kv_heads,
-        "num_experts": None,  # dense; --moe-use-upcycling turns the FFNs into experts
+        **attention_flags(c),
         "swiglu": True,
         "add_bias_linear": False,
         "add_qkv_bias": bool(c.use_qkv_bias),
-        "position_embedding_type": "rope",
-        "rotary_percent": float(factor),
-        "rotary_base": int(theta),
         "normalization": "LayerNorm",
         "norm_epsilon": float(c.layer_norm_eps),
-        "untie_embeddings_and_output_weights": not c.tie_word_embeddings,
     }
 
 
 def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """[V, h] -> [rows, h], the added rows zero."""
-    if rows < weight.shape[0]:
-        raise ConversionError(f"{WHAT}: padded vocab size {rows} is smaller than the model's "
-                              f"vocabulary ({weight.shape[0]})")
-    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+    return pad_vocab_rows(weight, rows, WHAT)
 
 
 def _layer(hf: dict, src: str, dst: str, c) -> dict[str, torch.Tensor]:
@@ -117,7 +79,7 @@ def _layer(hf: dict, src: str, dst: str, c) -> dict[str, torch.Tensor]:
 
     def qkv(name: str) -> torch.Tensor:
         return fuse_qkv(*(take(hf, f"{attn}{p}_proj.{name}", WHAT) for p in "qkv"),
-                        c.num_attention_heads, _num_kv_heads(c))
+                        c.num_attention_heads, num_kv_heads(c))
 
     out = {
         f"{dst}self_attention.linear_qkv.weight": qkv("weight"),  # [(heads + 2 kv) * d, h]

@@ -192,6 +192,9 @@ def convert_language(parts: LlavaParts, ckpt: CheckpointDir, padded_vocab_size: 
         raise ConversionError(f"{WHAT} {ckpt.directory}: config.json model_type "
                               f"{parts.language_config.get('model_type')!r}: {error}") from None
     hf_config = llava_language.hf_language_config(parts.language_config, family)
+    # the LM head belongs to the LLaVA wrapper: transformers' LlavaForConditionalGeneration
+    # and MoE-LLaVA's llava_phi build it without a bias (Phi's own head has one)
+    hf_config.head_bias = "lm_head.bias" in parts.language_keys
     flags = dict(flags_of(hf_config))
     tensors = ckpt.load(parts.language_keys.values())
     hf_state = {causal: tensors[key] for causal, key in parts.language_keys.items()}

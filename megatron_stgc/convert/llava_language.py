@@ -18,7 +18,8 @@ family converter reads (``flags(hf_config)``, ``convert(hf_state, hf_config, row
 * Qwen-1 (``qwen/configuration_qwen.py``, remote code): the keys are passed through in a
   plain ``PretrainedConfig`` with ``model_type`` "qwen".
 
-``language_converter(family)`` is the one place that knows which families convert.
+``language_converter(family)`` takes the family's converter from the registry
+(``convert/language_models.FAMILIES``), the same one ``--language-model`` uses.
 """
 
 from __future__ import annotations
@@ -66,29 +67,27 @@ def language_family(lm_config: dict) -> str:
 
 
 def hf_language_config(lm_config: dict, family: str):
-    """The transformers config object of the LM (see the module docstring)."""
-    import transformers
+    """The config object the family's converter reads (see the module docstring)."""
+    from megatron_stgc.convert.language_models import FAMILIES
 
     if family == "stablelm" and ("rope_pct" in lm_config or "norm_eps" in lm_config):
+        import transformers
+
         values = {ours: lm_config.get(theirs, default)
                   for theirs, (ours, default) in STABLELM_EPOCH_KEYS.items()}
         return transformers.StableLmConfig(**values)
-    kwargs = {k: v for k, v in lm_config.items() if k not in _NOT_CONFIG}
-    try:
-        return transformers.AutoConfig.for_model(family, **kwargs)
-    except ValueError:  # a family transformers does not know (Qwen-1: remote code)
-        config = transformers.PretrainedConfig(**kwargs)
-        config.model_type = family
-        return config
+    # model_type stays: the Phi converter reads MoE-LLaVA's (its LM head has no bias)
+    return FAMILIES[family].config({k: v for k, v in lm_config.items()
+                                    if k not in _NOT_CONFIG or k == "model_type"})
 
 
 def language_converter(family: str) -> tuple[Callable, Callable]:
     """(flags(hf_config) -> dict, convert(hf_state, hf_config, padded_vocab_size) -> state) of
-    the family; a ConversionError names the families that convert."""
-    from megatron_stgc.convert import hf_stablelm
+    the family, from the converter registry (convert/language_models.py); a ConversionError
+    names the families that convert."""
+    from megatron_stgc.convert.language_models import FAMILIES, supported
 
-    converters = {"stablelm": (hf_stablelm.stablelm_flags, hf_stablelm.convert_stablelm)}
-    if family not in converters:
+    if family not in FAMILIES:
         raise ConversionError(f"language model family {family!r} is not converted (this build "
-                              f"converts: {', '.join(sorted(converters))})")
-    return converters[family]
+                              f"converts: {supported()})")
+    return FAMILIES[family].flags, FAMILIES[family].convert

@@ -2,7 +2,10 @@
 Hugging Face tokenizer directory (a converted model's own tokenizer, e.g. StableLM-2's BPE).
 
 ``load_tokenizer(path)`` picks by what ``path`` is: a directory (or a ``tokenizer.json``)
--> ``HFTokenizer`` (local files only, no download), anything else -> a SentencePiece model.
+-> ``HFTokenizer`` (local files only, no download); a ``qwen.tiktoken`` /
+``arcade100k.tiktoken`` file, or a directory holding one and no ``tokenizer.json`` (Qwen-1,
+MoE-LLaVA's StableLM-2) -> ``HFTokenizer`` over data/tiktoken_bpe.py's conversion (no
+remote code); anything else -> a SentencePiece model.
 """
 
 from __future__ import annotations
@@ -39,24 +42,23 @@ class Tokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer from local files, with the interface of ``Tokenizer``."""
+    """A Hugging Face tokenizer from local files, with the interface of ``Tokenizer``
+    (``tok``: an already built transformers tokenizer for ``path``, e.g. a tiktoken file's)."""
 
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    def __init__(self, path: str, tok=None):
         self.model_path = path
-        if os.path.isdir(path):
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        else:
-            self.tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        self.tok = tok if tok is not None else _transformers_tokenizer(path)
         if self.tok.eos_token_id is None:
             raise ValueError(f"--tokenizer-model {path}: the tokenizer defines no EOS token")
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        # one past the largest id: vocabularies with gaps (Arcade100k has no id 100256) and
+        # added tokens counted, so the image token id (this number) is nobody's token
+        self._vocab_size = max(len(self.tok), max(self.tok.get_vocab().values()) + 1)
 
     @property
     def vocab_size(self) -> int:
-        return len(self.tok)  # added tokens included
+        return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -65,8 +67,30 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
+def _transformers_tokenizer(path: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not os.path.isdir(path):
+        return PreTrainedTokenizerFast(tokenizer_file=path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--tokenizer-model {path}: transformers cannot load a tokenizer from "
+                         f"this directory without remote code ({error}); give a directory with "
+                         "tokenizer.json, a qwen.tiktoken / arcade100k.tiktoken file, or a "
+                         "SentencePiece .model") from None
+
+
 def load_tokenizer(path: str):
-    """--tokenizer-model: a Hugging Face tokenizer directory / tokenizer.json, or SentencePiece."""
+    """--tokenizer-model: a Hugging Face tokenizer directory / tokenizer.json, a tiktoken
+    file (or a directory with one and no tokenizer.json), or SentencePiece."""
+    from megatron_stgc.data.tiktoken_bpe import tiktoken_file_in, tiktoken_tokenizer
+
+    tiktoken_file = path if path.endswith(".tiktoken") else None
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tiktoken_file = tiktoken_file_in(path)
+    if tiktoken_file is not None:
+        return HFTokenizer(tiktoken_file, tiktoken_tokenizer(tiktoken_file))
     if os.path.isdir(path) or path.endswith(".json"):
         return HFTokenizer(path)
     return Tokenizer(path)

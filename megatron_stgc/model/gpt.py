@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_stgc.config import RunConfig, fill_defaults, moe_layer_freq_value
 from megatron_stgc.model.expert_bias import install_expert_bias_fix
+from megatron_stgc.model.output_bias import add_output_layer_bias
 from megatron_stgc.model.specs import build_layer_specs
 
 
@@ -37,9 +38,12 @@ def this_machine() -> Hardware:
 
 
 def use_transformer_engine(config: RunConfig, hardware: Hardware | None = None) -> bool:
-    """TE spec when asked for, else when CUDA and TE are present; the local spec on CPU."""
+    """TE spec when asked for, else when CUDA and TE are present; the local spec on CPU and
+    for --parallel-attention-mlp (a local-spec layer, see model/parallel_block.py)."""
     if config.model.use_te is not None:
         return config.model.use_te
+    if config.model.parallel_attention_mlp:
+        return False
     hardware = hardware or this_machine()
     return hardware.cuda and hardware.transformer_engine
 
@@ -54,7 +58,27 @@ def fuse_bias_activation(config: RunConfig, hardware: Hardware) -> bool:
     m = config.model
     if not (hardware.cuda and use_transformer_engine(config, hardware)):
         return False
-    return m.swiglu or (m.num_experts is None and m.add_bias_linear)
+    return m.swiglu or (m.num_experts is None and m.add_bias_linear and not m.openai_gelu)
+
+
+def mlp_activation(config: RunConfig):
+    """The FFN activation: SiLU (gated, --swiglu), tanh GELU (--openai-gelu) or exact GELU."""
+    if config.model.swiglu:
+        return F.silu
+    return gelu_tanh if config.model.openai_gelu else F.gelu
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: Phi-2's "gelu_new", megatron-core's openai_gelu
+    (transformer/utils.py). torch's kernel, not megatron's torch.compile'd one, which
+    compiles for several seconds per process and shape on CPU."""
+    return F.gelu(x, approximate="tanh")
+
+
+# megatron-core's upcycling (moe/upcycling_utils._get_config, 0.16.1 .. 0.19.2) tells the FFN
+# activation by __name__ and knows GELU as "gelu" (it picks the top-1 weight scale, E^(1/2)
+# for any non-gated GELU); under its own name --moe-use-upcycling would refuse this one
+gelu_tanh.__name__ = "gelu"
 
 
 def transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = None) -> dict:
@@ -77,7 +101,7 @@ def transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = Non
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu,
+        activation_func=mlp_activation(config),
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         hidden_dropout=m.hidden_dropout,
@@ -133,7 +157,7 @@ def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
     """The GPT MoE model for this rank (call after parallel.initialize_parallel)."""
     transformer_config = transformer_config_from(config)
     specs = build_layer_specs(transformer_config, use_transformer_engine(config), config.stgc,
-                              config.ltdr)
+                              config.ltdr, config.model.parallel_attention_mlp)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=specs,
@@ -148,6 +172,8 @@ def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
         rotary_base=config.model.rotary_base,
     )
     install_expert_bias_fix(model)
+    if config.model.add_output_layer_bias:
+        add_output_layer_bias(model)
     if config.stgc.enabled:
         check_stgc_attached(model)
     if config.ltdr.enabled:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Optional
 
 import torch
 
-from megatron_stgc.config import RunConfig
+from megatron_stgc.config import ConfigError, RunConfig
 from megatron_stgc.convert.layouts import matching_layout
 from megatron_stgc.model.llava import model_parts
 
@@ -39,6 +40,42 @@ def read_pretrained(path: str) -> dict[str, dict[str, torch.Tensor]]:
                              f"{PARTS}")
         parts.setdefault(part, {})[rest] = value
     return parts
+
+
+EMBEDDING_KEY = "language_model.embedding.word_embeddings.weight"
+
+
+def pretrained_vocab_rows(path: str) -> Optional[int]:
+    """Rows of the checkpoint's word embedding (None without a language model), read
+    without loading the weights (memory-mapped)."""
+    state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True,
+                       mmap=True)
+    state = state["model"] if "model" in state else state
+    return state[EMBEDDING_KEY].shape[0] if EMBEDDING_KEY in state else None
+
+
+def fitted_vocab_rows(config: RunConfig, tokenizer_size: int, extra: int) -> Optional[int]:
+    """The --pretrained-checkpoint's embedding rows, after checking that the tokenizer's ids
+    (+ ``extra``: the image token) fit them; None when it holds no language model."""
+    from megatron_stgc.config import ConfigError
+
+    path = config.vision.pretrained_checkpoint
+    rows = pretrained_vocab_rows(path)
+    if rows is None:
+        return None
+    needed = tokenizer_size + extra
+    tokenizer = config.data.tokenizer_model or "the SentencePiece model trained on the data"
+    if needed > rows:
+        image = " + 1 image token" if extra else ""
+        raise ConfigError(f"--tokenizer-model {tokenizer}: its {tokenizer_size} ids{image} = "
+                          f"{needed} do not fit the {rows} embedding rows of "
+                          f"--pretrained-checkpoint {path}/model.pt ({EMBEDDING_KEY}); use the "
+                          "converted language model's own tokenizer")
+    tp = config.parallel.tensor_model_parallel_size
+    if rows % tp:
+        raise ConfigError(f"--pretrained-checkpoint {path}: {rows} embedding rows do not split "
+                          f"over --tensor-model-parallel-size {tp}")
+    return rows
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> str:

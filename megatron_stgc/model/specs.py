@@ -17,6 +17,7 @@ def build_layer_specs(
     use_te: bool,
     stgc_config: Optional[STGCConfig] = None,
     ltdr_config: Optional[LTDRConfig] = None,
+    parallel_attention_mlp: bool = False,
 ) -> TransformerBlockSubmodules:
     """Decoder block spec for a GPT with MoE on every ``moe_layer_freq``-th layer.
 
@@ -27,12 +28,22 @@ def build_layer_specs(
     ``megatron_stgc.stgc.spec.apply_stgc``, which returns the STGC variant; then with
     ``ltdr_config.enabled`` to ``megatron_stgc.ltdr.spec.apply_ltdr`` (LTDR routers, wrapped
     by STGC's where both are on).
+    With ``parallel_attention_mlp`` (local spec only) every layer is first made Phi-2's
+    parallel block (``megatron_stgc.model.parallel_block``); its ``mlp`` submodule stays the
+    spec's, so the STGC and LTDR swaps that follow reach it unchanged.
     """
     block_spec = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_te,
         normalization=transformer_config.normalization,
     )
+    if parallel_attention_mlp:
+        if use_te:
+            raise ValueError("--parallel-attention-mlp needs megatron-core's local spec, "
+                             "not the Transformer Engine spec")
+        from megatron_stgc.model.parallel_block import parallel_block_spec
+
+        block_spec = parallel_block_spec(block_spec)
     if stgc_config is not None and stgc_config.enabled:
         from megatron_stgc.stgc.spec import apply_stgc
 

@@ -88,10 +88,17 @@ def image_token_id_of(dataset) -> Optional[int]:
 
 
 def model_vocab_size(config: RunConfig, tokenizer: Tokenizer, dataset) -> int:
-    """Tokenizer vocabulary (+1 for the image token), padded for TP."""
+    """Tokenizer vocabulary (+1 for the image token), padded for TP; with a
+    --pretrained-checkpoint, the rows of its embedding, which those ids must fit."""
+    from megatron_stgc.model.pretrained import fitted_vocab_rows
+
     extra = 0 if image_token_id_of(dataset) is None else 1
-    return padded_vocab_size(tokenizer.vocab_size + extra,
-                             config.parallel.tensor_model_parallel_size)
+    tp = config.parallel.tensor_model_parallel_size
+    if config.vision.pretrained_checkpoint is not None:
+        rows = fitted_vocab_rows(config, tokenizer.vocab_size, extra)
+        if rows is not None:
+            return rows
+    return padded_vocab_size(tokenizer.vocab_size + extra, tp)
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
