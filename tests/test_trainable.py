@@ -143,3 +143,26 @@ def test_preset_with_its_own_freeze_flag_is_valid():
     config = config_from_flat({**FLAGS, "trainable_modules": "moe-llava-stage3",
                                "freeze_projection": True, "freeze_vit": True})
     validate_run_config(config, world_size=1)
+
+
+def test_megatrons_adam_is_adamw_and_gets_only_the_trainable_parameters():
+    """The optimizer the paper YAMLs get: megatron-core's "adam" is torch's AdamW on a machine
+    without TE/apex (decoupled weight decay; TE/apex FusedAdam get adam_w_mode=True from the
+    same decoupled_weight_decay default), with MoE-LLaVA's betas, and holds the
+    --trainable-modules parameters only."""
+    from megatron_stgc.training.setup import build_model_and_optimizer
+
+    config = config_from_flat({**FLAGS, "trainable_modules": "moe-llava-stage3",
+                               "adam_beta2": 0.999, "weight_decay": 0.0, "lr": 2e-5,
+                               "min_lr": 0.0})
+    torch.manual_seed(0)
+    objects = build_model_and_optimizer(config, VOCAB, IMAGE_ID)
+    megatron_optimizer = objects.optimizer
+    inner = [getattr(o, "optimizer", None)
+             for o in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer])]
+    assert inner and all(type(o) is torch.optim.AdamW for o in inner)
+    for optimizer in inner:
+        for group in optimizer.param_groups:
+            assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.0
+    held = sum(p.numel() for o in inner for g in o.param_groups for p in g["params"])
+    assert held == sum(t for t, _ in group_counts(objects.unwrapped_model).values())

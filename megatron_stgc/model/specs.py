@@ -17,6 +17,7 @@ def build_layer_specs(
     use_te: bool,
     stgc_config: Optional[STGCConfig] = None,
     ltdr_config: Optional[LTDRConfig] = None,
+    gumbel_seed: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """Decoder block spec for a GPT with MoE on every ``moe_layer_freq``-th layer.
 
@@ -26,7 +27,9 @@ def build_layer_specs(
     With ``stgc_config.enabled`` the block spec is handed to
     ``megatron_stgc.stgc.spec.apply_stgc``, which returns the STGC variant; then with
     ``ltdr_config.enabled`` to ``megatron_stgc.ltdr.spec.apply_ltdr`` (LTDR routers, wrapped
-    by STGC's where both are on).
+    by STGC's where both are on). With ``gumbel_seed`` (--moe-router-gumbel-second-expert)
+    every MoE router, whichever class, then samples its second expert
+    (``megatron_stgc.routing.spec``).
     """
     block_spec = get_gpt_decoder_block_spec(
         transformer_config,
@@ -41,4 +44,8 @@ def build_layer_specs(
         from megatron_stgc.ltdr.spec import apply_ltdr
 
         block_spec = apply_ltdr(block_spec, ltdr_config)
+    if gumbel_seed is not None:
+        from megatron_stgc.routing.spec import apply_gumbel_second_expert
+
+        block_spec = apply_gumbel_second_expert(block_spec, gumbel_seed)
     return block_spec

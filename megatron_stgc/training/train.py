@@ -35,6 +35,7 @@ from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_
                                                unregister_stgc_metrics)
 from megatron_stgc.training.ltdr_hooks import register_ltdr_metrics, unregister_ltdr_metrics
 from megatron_stgc.training.step import StepResult
+from megatron_stgc.routing.spec import set_router_step
 
 
 def cache_dir_for(config: RunConfig) -> str:
@@ -207,6 +208,7 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
         guard.iteration = progress.iteration + 1
         batches = micro_batches(dataset, progress.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, dp_rank, dp_size)
+        set_router_step(objects.model, progress.iteration)  # Gumbel noise keyed on the step
         result = run_train_step(config, objects, batches, n_micro, progress.iteration)
         step_time = time.perf_counter() - start
         progress.iteration += 1
