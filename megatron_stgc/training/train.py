@@ -64,7 +64,8 @@ def build_vision_language_data(config: RunConfig):
         seed=config.training.seed, seq_length=config.model.seq_length,
         num_image_tokens=num_image_tokens(config), image_loader=loader,
         tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
-        allow_image_outside_root=config.data.allow_image_outside_root)
+        allow_image_outside_root=config.data.allow_image_outside_root,
+        chat_template=config.data.chat_template)
 
 
 def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
