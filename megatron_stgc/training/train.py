@@ -58,7 +58,8 @@ def build_vision_language_data(config: RunConfig):
     mean, std = (SIGLIP_MEAN, SIGLIP_STD) if v.vision_model_type == "siglip" else (CLIP_MEAN,
                                                                                    CLIP_STD)
     loader = ImagePreprocessor(v.img_h, v.img_w, mean, std, backend=config.data.image_loader,
-                               max_pixels=config.data.max_image_pixels)
+                               max_pixels=config.data.max_image_pixels,
+                               pad_to_square=config.data.image_aspect_ratio == "pad")
     return build_llava_dataset(
         config.data.data_path, config.data.image_root, cache_dir_for(config),
         seed=config.training.seed, seq_length=config.model.seq_length,
