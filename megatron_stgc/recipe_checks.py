@@ -56,7 +56,9 @@ def _validate_gumbel(config: RunConfig) -> None:
     flag = "--moe-router-gumbel-second-expert"
     _require(m.num_experts is not None, f"{flag} needs --num-experts")
     _require(m.moe_router_topk >= 2,
-             f"{flag} needs --moe-router-topk >= 2 (there is no second expert with top-1)")
+             f"{flag} needs --moe-router-topk >= 2 (there is no second expert with top-1; "
+             "DeepSpeed's top1gating samples nothing either): add "
+             "--no-moe-router-gumbel-second-expert")
     _require(not (config.stgc.enabled and config.stgc.mode == "two-pass"),
              f"{flag} with --stgc-mode two-pass: the two passes would sample different "
              "routings; use --stgc-mode single-pass")
