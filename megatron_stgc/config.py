@@ -68,6 +68,17 @@ class ModelConfig:
     # tanh-approximated GELU (Phi-2's "gelu_new"); Megatron-LM's flag of the same name
     openai_gelu: bool = False
     add_output_layer_bias: bool = False  # a bias on the LM head (Phi-2's lm_head)
+    # capacity factor while the model is in eval mode (model.eval(), generation); None = the
+    # training --moe-expert-capacity-factor. MoE-LLaVA: 1.5 training, 2.0 eval (docs/RECIPE.md)
+    moe_eval_capacity_factor: Optional[float] = None
+    # which routed pairs an over-full expert drops: "probs" (lowest routing weight first) or
+    # "position" (latest tokens first); megatron-core's moe_token_drop_policy
+    moe_token_drop_policy: str = "probs"
+    # pad every expert's input to its capacity (static shapes; megatron-core's option)
+    moe_pad_expert_input_to_capacity: bool = False
+    # training samples the 2nd..k-th expert with Gumbel noise on the router logits (DeepSpeed's
+    # top2gating, MoE-LLaVA); gates stay the noise-free softmax renormalised over the chosen
+    moe_router_gumbel_second_expert: bool = False
 
 
 @dataclass
@@ -85,13 +96,19 @@ class VisionConfig:
     disable_vision_class_token: bool = True  # drop the class token's output (LLaVA)
     freeze_vit: bool = False  # no updates to the vision tower
     freeze_projection: bool = False  # no updates to the vision-to-language projector
-    freeze_lm: bool = False  # no updates to the language model except its MoE layers (stage III)
+    # no updates to the language model except its MoE layers (routers, experts); dense FFNs
+    # are frozen too (MoE-LLaVA's stage III trains them: --trainable-modules moe-llava-stage3)
+    freeze_lm: bool = False
     pretrained_checkpoint: Optional[str] = None  # tools/convert_hf_to_megatron.py output
     moe_use_upcycling: bool = False  # pretrained dense FFNs -> each expert (MoE-LLaVA stage III)
     # SigLIP: drop the tower's first output token, a patch (SigLIP has no class token), as
     # MoE-LLaVA's mm_vision_select_feature 'patch' does (siglip_encoder.py:34-35): 728 image
     # tokens at 384 px / patch 14 instead of 729. CLIP's class token: --disable-vision-class-token
     vision_drop_first_patch: bool = False
+    # what trains: a preset (moe-llava-stage3), groups (vision projector embeddings attention
+    # norms dense-ffn experts routers) or parameter-name patterns, comma separated; the rest is
+    # frozen; --freeze-* subtract from it (model/trainable.py, model/freeze.py). None = all
+    trainable_modules: Optional[str] = None
 
 
 @dataclass
@@ -143,6 +160,13 @@ class DataConfig:
     # images with more pixels (width x height, read from the file header before decoding)
     # are counted as image_too_large instead of being decoded
     max_image_pixels: int = 40_000_000
+    # conversation template: "plain" (this package's <|user|>/<|assistant|> template) or
+    # MoE-LLaVA's moe-llava-stablelm / moe-llava-phi / moe-llava-qwen (conv_stablelm, conv_phi;
+    # its "qwen" version is conv_phi) and moe-llava-plain (stage I); data/chat_templates.py
+    chat_template: str = "plain"
+    # "resize" stretches every image to --img-h x --img-w; "pad" first pads it to a square
+    # with the normalisation mean as the colour (MoE-LLaVA's --image_aspect_ratio pad)
+    image_aspect_ratio: str = "resize"
 
 
 @dataclass
@@ -513,6 +537,9 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
     _validate_vision(config)
     _validate_ltdr(config)
+    from megatron_stgc.recipe_checks import validate_recipe
+
+    validate_recipe(config)
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
@@ -672,10 +699,16 @@ def _validate_with_megatron_core(config: RunConfig) -> None:
 
     from megatron_stgc.model.gpt import transformer_config_from
 
+    variants = [copy.deepcopy(config)]
+    eval_factor = config.model.moe_eval_capacity_factor
+    if config.model.num_experts is not None and eval_factor is not None:
+        variants.append(copy.deepcopy(config))  # what eval mode switches to
+        variants[-1].model.moe_expert_capacity_factor = eval_factor
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            transformer_config_from(copy.deepcopy(config))
+            for variant in variants:
+                transformer_config_from(variant)
     except (ValueError, AssertionError, TypeError) as error:
         raise ConfigError(f"megatron-core rejects this configuration: {error}") from None
 

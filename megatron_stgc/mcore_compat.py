@@ -19,6 +19,18 @@ permutation is sized tokens x topk, unused in 0.16.1 and a hard cut from 0.17.1 
 variable experts per token need it sized by the routing map in every version
 (``ltdr/dispatch.py``). ``TopKRouter.routing(logits, padding_mask)``, the surface LTDR's
 modality balancing uses, has the same meaning in all four.
+The Gumbel-sampled second expert (``routing/gumbel.py``) takes the top-k selection through
+the router's ``router_replay`` slot: ``TopKRouter.routing`` hands ``self.router_replay`` to
+``topk_routing_with_score_function``, which calls ``router_replay.get_replay_topk(scores,
+topk, num_groups, group_topk, default_compute_topk)`` for the (values, indices) of the top-k
+and builds probs and routing map from them (softmax over the chosen logits for top-k-then-
+softmax). Same slot, same call, in 0.16.1 and 0.19.2 (0.19.2's ``set_layer_number`` also sets
+``router_replay.layer_number``); the fused router (``moe_router_fusion``) bypasses it.
+``install_topk_selection`` is the one place that sets it. The eval capacity factor
+(``routing/capacity.py``) switches ``moe_expert_capacity_factor`` on the layer's config, the
+field the router and the alltoall dispatcher read per forward in both versions (megatron's
+own decode path switches it the same way: ``inference/utils.py``,
+``set_decode_expert_padding``).
 A spec of any other shape is not guessed at: ``moe_spec_parts`` returns None and the
 STGC spec code turns that into ``UnsupportedMegatronCore`` when ``--stgc`` finds no layer.
 """
@@ -95,6 +107,21 @@ def rebuild_moe_spec(parts: MoESpecParts, layer_class: type, submodules, **param
 def replace_router(submodules, router_class):
     """MoESubmodules with ``router`` replaced (a dataclass in every supported version)."""
     return dataclasses.replace(submodules, router=router_class)
+
+
+def install_topk_selection(router, selection) -> None:
+    """Make ``selection.get_replay_topk(...)`` choose the top-k experts of ``router``
+    (megatron-core's ``router_replay`` slot, see the module docstring)."""
+    if not hasattr(router, "router_replay"):
+        raise UnsupportedMegatronCore(f"{type(router).__name__} has no router_replay slot for "
+                                      f"a top-k selection ({version_note()})")
+    if router.router_replay is not None:
+        raise ValueError("megatron-core's moe_enable_routing_replay already uses the router's "
+                         "top-k slot; it cannot be combined with a Gumbel-sampled second expert")
+    if getattr(router.config, "moe_router_fusion", False):
+        raise ValueError("the fused top-k router (moe_router_fusion) bypasses the top-k "
+                         "selection slot; the Gumbel-sampled second expert needs it off")
+    router.router_replay = selection
 
 
 def build_moe_layer(spec, config, layer_number: int = 1, pg_collection=None):

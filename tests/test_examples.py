@@ -114,11 +114,73 @@ def test_llava_paper_settings_are_valid_for_two_nodes(tmp_path, name, vision, im
     assert image_tokens < config.model.seq_length
     assert config.model.num_layers == layers
     assert (config.model.num_experts, config.model.moe_router_topk) == (4, 2)
-    assert config.vision.moe_use_upcycling and config.vision.freeze_lm
+    assert config.vision.moe_use_upcycling
+    assert config.vision.trainable_modules == "moe-llava-stage3"
+    assert (config.training.adam_beta2, config.training.weight_decay) == (0.999, 0.0)
+    assert config.model.moe_router_gumbel_second_expert
+    assert (config.model.moe_expert_capacity_factor, config.model.moe_eval_capacity_factor) \
+        == (1.5, 2.0)
     assert vision_transformer_config(config).num_layers == config.vision.vision_num_layers
     top1 = parse_run_config(["--config", os.path.join(REPO, "examples", name),
-                             "--moe-router-topk", "1", "--data-path", str(tmp_path / "mix.json"),
+                             "--moe-router-topk", "1", "--no-moe-router-gumbel-second-expert",
+                             "--data-path", str(tmp_path / "mix.json"),
                              "--pretrained-checkpoint", str(tmp_path / "dense"),
                              "--tokenizer-model", str(tmp_path / "spm.model"),
                              "--image-root", str(tmp_path)])
     validate_run_config(top1, world_size=16)  # MoE-LLaVA's 4-Top-1
+
+
+MOE_LLAVA = os.path.join(REPO, "examples", "moe_llava")
+STAGE_SETTINGS = {  # MoE-LLaVA's scripts/v1/<family>/{pretrain,finetune,finetune_moe}.sh
+    1: dict(lr=1e-3, global_batch_size=256, chat_template="moe-llava-plain", experts=None),
+    2: dict(lr=2e-5, global_batch_size=128, experts=None),
+    3: dict(lr=2e-5, global_batch_size=128, experts=4),
+}
+
+
+@pytest.mark.parametrize("family,template", [("stablelm", "moe-llava-stablelm"),
+                                             ("phi2", "moe-llava-phi"),
+                                             ("qwen", "moe-llava-qwen")])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_moe_llava_stage_configs_are_valid_for_two_nodes(tmp_path, family, template, stage):
+    """examples/moe_llava/<family>_stage<N>.yaml: valid for 16 ranks with data, checkpoint and
+    tokenizer paths that exist, MoE-LLaVA's recipe in it; stage III also with --stgc --ltdr."""
+    from megatron_stgc.model.vision import num_image_tokens
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.pt").write_bytes(b"")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "mix.json").write_text("[]")
+    paths = ["--data-path", str(tmp_path / "mix.json"), "--image-root", str(tmp_path),
+             "--pretrained-checkpoint", str(tmp_path / "ckpt"),
+             "--tokenizer-model", str(tmp_path / "tok")]
+    name = os.path.join(MOE_LLAVA, f"{family}_stage{stage}.yaml")
+    extra = [[], ["--stgc", "--ltdr"]] if stage == 3 else [[]]
+    for flags in extra:
+        config = parse_run_config(["--config", name, *paths, *flags])
+        validate_run_config(config, world_size=16)
+    want = STAGE_SETTINGS[stage]
+    t, d, m, v = config.training, config.data, config.model, config.vision
+    assert (t.lr, t.global_batch_size, t.min_lr, t.lr_decay_style) == (want["lr"],
+                                                                      want["global_batch_size"],
+                                                                      0.0, "cosine")
+    assert (t.lr_warmup_fraction, t.weight_decay, t.adam_beta1, t.adam_beta2) == (0.03, 0.0,
+                                                                                  0.9, 0.999)
+    assert config.precision.bf16 and m.seq_length == 2048
+    assert d.chat_template == want.get("chat_template", template)
+    assert d.image_aspect_ratio == ("resize" if stage == 1 else "pad")
+    assert num_image_tokens(config) == 576 and v.vision_num_layers == 23
+    assert m.num_experts == want["experts"]
+    with open(name) as f:
+        raw = f.read()
+    assert "/shared/hf/" in raw and ".model" not in raw  # HF tokenizer directories
+    if stage == 1:
+        assert v.trainable_modules == "projector"
+    if stage == 2:
+        assert v.freeze_vit and v.trainable_modules is None
+    if stage == 3:
+        assert v.trainable_modules == "moe-llava-stage3" and v.moe_use_upcycling
+        assert (m.moe_router_topk, m.moe_layer_freq, m.moe_aux_loss_coeff) == (2, 2, 0.01)
+        assert (m.moe_expert_capacity_factor, m.moe_eval_capacity_factor) == (1.5, 2.0)
+        assert m.moe_router_gumbel_second_expert
+        assert config.stgc.enabled and config.ltdr.enabled  # the flags of the last variant

@@ -8,8 +8,9 @@ The MoE-LLaVA recipe at toy scale, on the model of examples/tiny_llava_digits.ya
    trainable, ``--dense-iters`` steps on 2 processes (torchrun);
 3. ``megatron-stgc export`` turns its checkpoint into a --pretrained-checkpoint directory;
 4. stage III, twice from that same start, on 2 processes with expert parallelism (EP=2):
-   every FFN of the MoE layers upcycled into 4 experts (``--moe-use-upcycling``), only the
-   MoE layers train (``--freeze-vit --freeze-projection --freeze-lm``), ``--stage3-iters``
+   every FFN of the MoE layers upcycled into 4 experts (``--moe-use-upcycling``), MoE-LLaVA's
+   trainable set (``--trainable-modules moe-llava-stage3``: every FFN of the language model,
+   dense and experts, the routers and the projector; docs/RECIPE.md), ``--stage3-iters``
    steps: **baseline** (``--stgc --stgc-beta 0``: conflicts measured, gradients exactly plain
    MoE's, so conflict fractions compare) and **STGC** (``--stgc``, beta 1);
    With ``--with-ltdr`` also **LTDR** (``--ltdr``, conflicts measured at beta 0) and
@@ -42,7 +43,9 @@ from megatron_stgc.eval.scoring import format_table  # noqa: E402
 from megatron_stgc.analysis.plots import expert_token_totals  # noqa: E402
 
 DENSE = ["--num-experts", "none", "--expert-model-parallel-size", "1"]
-STAGE3 = ["--moe-use-upcycling", "--freeze-vit", "--freeze-projection", "--freeze-lm"]
+# MoE-LLaVA's stage III trainable set; until 2026-12-06 (the measured tables) it was
+# --freeze-vit --freeze-projection --freeze-lm (MoE layers only)
+STAGE3 = ["--moe-use-upcycling", "--trainable-modules", "moe-llava-stage3"]
 RUNS = {"baseline": ["--stgc", "--stgc-beta", "0"], "stgc": ["--stgc"],
         # LTDR (docs/LTDR.md); conflicts measured at beta 0 as in the baseline
         "ltdr": ["--stgc", "--stgc-beta", "0", "--ltdr"], "stgc_ltdr": ["--stgc", "--ltdr"]}
@@ -178,7 +181,7 @@ def prepare_stage2(output: str, config: str, nproc: int, seed: int, data_seed: i
 
 def stage3_flags(common: list[str], pretrained: str, iters: int, run_dir: str,
                  flags: list[str]) -> list[str]:
-    """The flags of one stage III run (upcycled from ``pretrained``, MoE layers only)."""
+    """The flags of one stage III run (upcycled from ``pretrained``, MoE-LLaVA's trainable set)."""
     return run_flags_for(common, run_dir, STAGE3 + ["--pretrained-checkpoint", pretrained,
                                                      "--train-iters", str(iters)] + flags)
 

@@ -6,7 +6,8 @@
 # (a dead rank, a lost node); the job then resumes from the newest complete
 # checkpoint in --load (written atomically, see megatron_stgc/training/checkpoint.py).
 #
-#   MODEL=stablelm|phi2|llava-stablelm|llava-phi2|tiny   which example config (default stablelm)
+#   MODEL=stablelm|phi2|llava-stablelm|llava-phi2|llava-qwen|tiny   which example config
+#                                 (default stablelm; llava-qwen: examples/moe_llava/qwen_stage3.yaml)
 #   PRECISION=bf16|fp8|fp32       bf16 (default); fp8 = bf16 + Transformer Engine FP8
 #                                 (hybrid: E4M3 forward, E5M2 backward; needs Hopper+ GPUs)
 #   NNODES, NPROC_PER_NODE        default 2 nodes x 8 GPUs
@@ -26,8 +27,9 @@ case "$MODEL" in
   phi2)     CONFIG=examples/phi2_2.7b_moe.yaml ;;
   llava-stablelm) CONFIG=examples/llava_stablelm_1.6b_clip336.yaml ;;
   llava-phi2)     CONFIG=examples/llava_phi2_2.7b_siglip.yaml ;;
+  llava-qwen)     CONFIG=examples/moe_llava/qwen_stage3.yaml ;;
   tiny)     CONFIG=examples/tiny_moe_cpu.yaml ;;
-  *) echo "MODEL must be stablelm, phi2, llava-stablelm, llava-phi2 or tiny, got '$MODEL'" >&2
+  *) echo "MODEL must be stablelm, phi2, llava-stablelm, llava-phi2, llava-qwen or tiny, got '$MODEL'" >&2
      exit 2 ;;
 esac
 PRECISION=${PRECISION:-bf16}

@@ -83,6 +83,9 @@ def _turns_with_image_tag(turns: list[dict], has_image: bool) -> list[dict]:
     return turns
 
 
+turns_with_image_tag = _turns_with_image_tag  # the checks every chat template shares
+
+
 def tokenize_conversation(turns: list[dict], tokenizer, *, has_image: bool, image_token_id: int,
                           num_image_tokens: int, max_length: int) -> TokenizedConversation:
     """Token ids and loss mask of one conversation, cut to ``max_length`` tokens.
@@ -107,6 +110,13 @@ def tokenize_conversation(turns: list[dict], tokenizer, *, has_image: bool, imag
             mask += [1] * len(piece)
         else:
             raise BadConversation(UNKNOWN_ROLE, f"turn from {role!r}; expected human or gpt")
+    return truncate_conversation(ids, mask, image_token_id, max_length)
+
+
+def truncate_conversation(ids: list[int], mask: list[int], image_token_id: int,
+                          max_length: int) -> TokenizedConversation:
+    """The conversation cut to ``max_length`` ids (the rules of tokenize_conversation; every
+    chat template shares them)."""
     truncated = len(ids) > max_length
     if truncated:
         if image_token_id in ids[max_length - 1:]:

@@ -17,7 +17,7 @@ The transform, for every image:
    decoder does this by default; the PIL path calls ``ImageOps.exif_transpose``).
    Grayscale, palette, 1-bit, LA / RGBA (alpha dropped, not composited) and CMYK
    become RGB; 16-bit grayscale is scaled ``round(v / 257)`` like DALI does.
-2. resize to exactly ``(img_h, img_w)`` (no aspect-ratio padding) with a
+2. resize to exactly ``(img_h, img_w)`` (stretched; see ``pad_to_square`` below) with a
    bilinear ("triangle") filter that is anti-aliased when downscaling: DALI's
    ``INTERP_LINEAR`` + ``antialias=True`` and Pillow's ``Image.BILINEAR`` are
    the same filter (support 1 pixel when upscaling, widened by the scale
@@ -28,6 +28,15 @@ The transform, for every image:
    reproduces DALI's clamping. Resizing happens in float (DALI
    ``dtype=FLOAT``, Pillow mode ``"F"`` per channel): no 8-bit rounding after
    the resize, so the backends agree to float precision, not just to 1/255.
+   With ``pad_to_square`` (``--image-aspect-ratio pad``, MoE-LLaVA's ``expand2square``,
+   moellava/mm_utils.py:14-25, called with ``tuple(int(x * 255) for x in image_mean)``:
+   moellava/train/train.py:985-986) the decoded image is first centred on a square canvas of
+   side max(width, height) filled with the 8-bit mean colour (``int(255 * mean)`` per
+   channel), at offset ``(side - width) // 2`` / ``(side - height) // 2`` like
+   ``Image.paste``; then resized as above. DALI: ``fn.slice`` of the decoded image with a
+   negative anchor and ``out_of_bounds_policy="pad"``; PIL path: numpy. (MoE-LLaVA's CLIP
+   processor then resizes bicubically and centre-crops; on a square image the crop is a
+   no-op; the filter is bilinear here.)
 3. ``(x / 255 - mean) / std`` per channel (computed as
    ``(x - 255 mean) / (255 std)``), HWC -> CHW.
 
@@ -159,8 +168,28 @@ def _resize_plane(plane: np.ndarray, img_h: int, img_w: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def _pil_decode_resize(path: str, img_h: int, img_w: int) -> np.ndarray:
-    """[3, img_h, img_w] float32 in 0..255; raises BadImage."""
+def pad_colour(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The padding colour of --image-aspect-ratio pad: MoE-LLaVA's int(255 * mean)."""
+    return tuple(int(m * 255) for m in mean)
+
+
+def _expand_to_square(rgb: np.ndarray, colour: Sequence[int]) -> np.ndarray:
+    """[h, w, 3] -> [side, side, 3], side = max(h, w), centred on ``colour`` like PIL's paste."""
+    h, w = rgb.shape[:2]
+    if h == w:
+        return rgb
+    side = max(h, w)
+    canvas = np.empty((side, side, 3), dtype=rgb.dtype)
+    canvas[:] = np.asarray(colour, dtype=rgb.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = rgb
+    return canvas
+
+
+def _pil_decode_resize(path: str, img_h: int, img_w: int,
+                       pad_to: Sequence[int] | None = None) -> np.ndarray:
+    """[3, img_h, img_w] float32 in 0..255 (padded to a square of colour ``pad_to`` first
+    when given); raises BadImage."""
     from PIL import Image
     try:
         with Image.open(path) as image:
@@ -172,6 +201,8 @@ def _pil_decode_resize(path: str, img_h: int, img_w: int) -> np.ndarray:
         raise BadImage(CORRUPT_IMAGE, path, f"{type(error).__name__}: {error}") from error
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise BadImage(CORRUPT_IMAGE, path, f"decoded to shape {rgb.shape}")
+    if pad_to is not None:
+        rgb = _expand_to_square(rgb, pad_to)
     if rgb.shape[:2] == (img_h, img_w):
         return np.ascontiguousarray(rgb.transpose(2, 0, 1))
     return np.stack([_resize_plane(rgb[:, :, c], img_h, img_w) for c in range(3)])
@@ -211,7 +242,7 @@ class ImagePreprocessor:
                  std: Sequence[float] = CLIP_STD, backend: str = "auto",
                  device: str | torch.device = "cpu", *, max_batch: int = 64,
                  num_threads: int = 2, dali_decode: str = "auto", pil_fallback: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, pad_to_square: bool = False):
         if int(img_h) <= 0 or int(img_w) <= 0:
             raise ValueError(f"image size must be positive, got {img_h}x{img_w}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -230,6 +261,8 @@ class ImagePreprocessor:
         self.num_threads = int(num_threads)
         self.pil_fallback = pil_fallback
         self.max_pixels = int(max_pixels)
+        # --image-aspect-ratio pad: the 8-bit colour a non-square image is padded with
+        self.pad_colour = pad_colour(self.mean) if pad_to_square else None
         self.requested_backend = backend
         self.stats = {"images": 0, "bad": 0, "dali_retries": 0, "pil_fallbacks": 0,
                       "rebuilds": 0}
@@ -267,6 +300,8 @@ class ImagePreprocessor:
 
     def describe(self) -> str:
         size = f"{self.img_h}x{self.img_w}"
+        if self.pad_colour is not None:
+            size = f"pad to square {self.pad_colour} -> {size}"
         if self.backend_name == "dali":
             import nvidia.dali as dali
             return (f"dali {getattr(dali, '__version__', '?')} (decode {self.dali_decode}, "
@@ -345,7 +380,7 @@ class ImagePreprocessor:
     def _pil_normalised(self, path: str) -> np.ndarray:
         if not os.path.isfile(path):
             raise BadImage(MISSING_IMAGE, path, "no such file")
-        pixels = _pil_decode_resize(path, self.img_h, self.img_w)
+        pixels = _pil_decode_resize(path, self.img_h, self.img_w, self.pad_colour)
         return ((pixels - self._mean255[:, None, None])
                 * self._inv_std255[:, None, None]).astype(np.float32)
 
@@ -357,6 +392,7 @@ class ImagePreprocessor:
         img_h, img_w = self.img_h, self.img_w
         mean255 = [255.0 * m for m in self.mean]
         std255 = [255.0 * s for s in self.std]
+        colour = self.pad_colour
 
         @pipeline_def
         def graph():
@@ -364,6 +400,8 @@ class ImagePreprocessor:
             extra = {"jpeg_fancy_upsampling": True} if decode == "mixed" else {}
             image = fn.decoders.image(encoded, device=decode, output_type=types.RGB,
                                       adjust_orientation=True, **extra)
+            if colour is not None:
+                image = _dali_expand_to_square(fn, types, image, colour)
             image = fn.resize(image, resize_x=img_w, resize_y=img_h,
                               interp_type=types.INTERP_LINEAR, antialias=True,
                               dtype=types.FLOAT)
@@ -432,6 +470,21 @@ class ImagePreprocessor:
             return
         for row, index in enumerate(indices):
             arrays[index] = batch[row]
+
+
+def _dali_expand_to_square(fn, types, image, colour):
+    """The DALI graph of _expand_to_square: a [side, side] window of the HWC image starting
+    ``(side - h) // 2`` rows / ``(side - w) // 2`` columns before it, out of bounds filled."""
+    import nvidia.dali.math as dmath
+
+    shape = image.shape(dtype=types.INT32) if hasattr(image, "shape") else \
+        fn.shapes(image, dtype=types.INT32)
+    h = fn.slice(shape, 0, 1, axes=[0])
+    w = fn.slice(shape, 1, 1, axes=[0])
+    side = dmath.max(h, w)
+    anchor = fn.cat(-((side - h) // 2), -((side - w) // 2))  # numerators >= 0: no rounding issue
+    return fn.slice(image, anchor, fn.cat(side, side), axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=list(colour))
 
 
 def _check_pixel_count(path: str, max_pixels: int) -> None:

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_stgc.data import chat_templates as _chat_templates
 from megatron_stgc.data import conversation as _conversation
 from megatron_stgc.data import images as _images
 from megatron_stgc.data.conversation import BadConversation, tokenize_conversation
@@ -47,6 +48,7 @@ IN_USE_KINDS = (
     _conversation.UNKNOWN_ROLE, _conversation.NO_USER_TURN, _conversation.IMAGE_TAG_IN_ANSWER,
     _conversation.IMAGE_TRUNCATED, _conversation.NO_ANSWER_AFTER_TRUNCATION,
     _images.MISSING_IMAGE, _images.CORRUPT_IMAGE, _images.IMAGE_TOO_LARGE, IMAGE_OUTSIDE_ROOT,
+    _chat_templates.TEMPLATE_MISMATCH, _chat_templates.TEMPLATE_TURNS,
 )
 
 
@@ -77,6 +79,7 @@ class LlavaSFTDataset:
     image_root: Optional[str] = None
     bad_samples: BadSampleCounter = field(default_factory=BadSampleCounter)
     truncated: int = 0
+    chat_template: Optional[_chat_templates.ChatTemplate] = None  # None: the plain template
 
     def __post_init__(self):
         self._order = ShardedSampler(num_samples=len(self.index), seed=self.seed, dp_rank=0,
@@ -109,7 +112,9 @@ class LlavaSFTDataset:
             refused.record_id = record_id
             raise refused from None
         try:
-            tokenized = tokenize_conversation(
+            tokenize = (tokenize_conversation if self.chat_template is None
+                        else self.chat_template.tokenize)
+            tokenized = tokenize(
                 data["conversations"], self.tokenizer, has_image=image is not None,
                 image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
                 max_length=self.seq_length + 1)
@@ -215,7 +220,7 @@ def tokenizer_training_texts(index: LlavaIndex, limit: int = 20000) -> list[str]
 def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: str, seed: int,
                         seq_length: int, num_image_tokens: int, image_loader,
                         tokenizer_model: Optional[str] = None, vocab_size: int = 512,
-                        allow_image_outside_root: bool = False
+                        allow_image_outside_root: bool = False, chat_template: str = "plain"
                         ) -> tuple[LlavaSFTDataset, object]:
     """The LLaVA data set and its tokenizer (a SentencePiece model trained on the data and
     cached on first use, unless --tokenizer-model is given). The image token id is the
@@ -231,7 +236,9 @@ def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: st
         tokenizer = load_tokenizer(tokenizer_model)
     else:
         tokenizer = get_or_train_tokenizer(tokenizer_training_texts(index), vocab_size, cache_dir)
+    template = _chat_templates.get_template(chat_template)
+    _chat_templates.check_tokenizer_fits(template, tokenizer, tokenizer_model)
     dataset = LlavaSFTDataset(index, tokenizer, image_loader, seq_length, num_image_tokens,
                               image_token_id=tokenizer.vocab_size, seed=seed,
-                              image_root=image_root)
+                              image_root=image_root, chat_template=template)
     return dataset, tokenizer

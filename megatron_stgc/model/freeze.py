@@ -1,9 +1,19 @@
-"""--freeze-vit / --freeze-projection / --freeze-lm: which parameters stop training.
+"""Which parameters train: --trainable-modules and --freeze-vit / --freeze-projection /
+--freeze-lm.
 
-Frozen parameters get ``requires_grad = False`` before megatron-core's DDP and
-optimizer are built, so they have no grad buffer and no optimizer state.
-``--freeze-lm`` keeps the language model's MoE layers (routers and experts)
-trainable: MoE-LLaVA's stage III trains only those.
+Frozen parameters get ``requires_grad = False`` before megatron-core's DDP and optimizer are
+built, so they have no grad buffer and no optimizer state.
+
+* ``--freeze-vit`` freezes the vision tower, ``--freeze-projection`` the projector,
+  ``--freeze-lm`` the language model except its MoE layers (routers and experts); dense
+  FFNs are frozen by it. (That is not MoE-LLaVA's stage III, which also trains every dense
+  FFN and the projector: ``--trainable-modules moe-llava-stage3``, see model/trainable.py.)
+* ``--trainable-modules`` selects what trains; everything it does not select is frozen.
+* Both given: a parameter trains when the selection selects it and no freeze flag freezes
+  it (the flags subtract from the selection). An entry written on the command line that
+  is left with nothing to train by a freeze flag is a contradiction and an error naming
+  both (a preset's members are exempt: ``moe-llava-stage3 --freeze-projection`` is the
+  preset without the projector). Nothing left to train at all is an error too.
 """
 
 from __future__ import annotations
@@ -13,6 +23,11 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
 from megatron_stgc.config import RunConfig
 from megatron_stgc.model.llava import model_parts
+from megatron_stgc.model.trainable import (TrainableSelectionError, parse_trainable_modules,
+                                           selected_parameter_names)
+
+FREEZE_FLAGS = {"vision_model": "--freeze-vit", "vision_projection": "--freeze-projection",
+                "language_model": "--freeze-lm"}
 
 
 def _moe_parameter_ids(language_model: torch.nn.Module) -> set[int]:
@@ -20,15 +35,62 @@ def _moe_parameter_ids(language_model: torch.nn.Module) -> set[int]:
             for p in module.parameters()}
 
 
-def frozen_parameter_names(model: torch.nn.Module, config: RunConfig) -> list[str]:
-    """Names of the parameters the freeze flags select (model: MoELLaVAModel or GPTModel)."""
+def flag_frozen_names(model: torch.nn.Module, config: RunConfig) -> dict[str, set[str]]:
+    """{freeze flag: names of the parameters it freezes} for the flags that are set."""
     v = config.vision
-    flags = {"vision_model": v.freeze_vit, "vision_projection": v.freeze_projection,
-             "language_model": v.freeze_lm}
-    parts = model_parts(model)
-    frozen = {id(p) for part, module in parts.items() if flags[part] for p in module.parameters()}
-    frozen -= _moe_parameter_ids(parts["language_model"])  # the MoE layers keep training
-    return [name for name, param in model.named_parameters() if id(param) in frozen]
+    on = {"vision_model": v.freeze_vit, "vision_projection": v.freeze_projection,
+          "language_model": v.freeze_lm}
+    ids_to_names = {id(p): n for n, p in model.named_parameters()}
+    frozen: dict[str, set[str]] = {}
+    for part, module in model_parts(model).items():
+        if not on[part]:
+            continue
+        ids = {id(p) for p in module.parameters()}
+        if part == "language_model":
+            ids -= _moe_parameter_ids(module)  # --freeze-lm keeps the MoE layers training
+        frozen[FREEZE_FLAGS[part]] = {ids_to_names[i] for i in ids if i in ids_to_names}
+    return frozen
+
+
+def frozen_parameter_names(model: torch.nn.Module, config: RunConfig) -> list[str]:
+    """Names of the parameters that must not train (model: MoELLaVAModel or GPTModel)."""
+    by_flag = flag_frozen_names(model, config)
+    frozen = set().union(*by_flag.values()) if by_flag else set()
+    all_names = [name for name, _ in model.named_parameters()]
+    value = config.vision.trainable_modules
+    if value is not None:
+        selected = _checked_selection(model, value, by_flag)
+        frozen |= set(all_names) - selected
+    if frozen and len(frozen) == len(all_names):
+        raise TrainableSelectionError(
+            "no parameter trains: " + _selection_summary(value, by_flag))
+    return [name for name in all_names if name in frozen]
+
+
+def _checked_selection(model, value: str, by_flag: dict[str, set[str]]) -> set[str]:
+    """Union of what the entries select; errors for entries that select nothing or whose
+    whole selection a freeze flag freezes."""
+    selected: set[str] = set()
+    for entry, names in selected_parameter_names(model, parse_trainable_modules(value)).items():
+        selected |= names
+        if entry.from_preset is not None:
+            continue
+        if not names:
+            examples = [n for n, _ in model.named_parameters()][:6]
+            raise TrainableSelectionError(
+                f"--trainable-modules: {entry.describe()} selects no parameter of this model "
+                f"(parameter names look like {examples})")
+        for flag, frozen in by_flag.items():
+            if names <= frozen:
+                raise TrainableSelectionError(
+                    f"--trainable-modules {entry.describe()} contradicts {flag}: every "
+                    f"parameter it selects ({len(names)}) is frozen by {flag}")
+    return selected
+
+
+def _selection_summary(value, by_flag) -> str:
+    flags = " ".join(sorted(by_flag)) or "no freeze flag"
+    return f"--trainable-modules {value!r} with {flags}" if value else flags
 
 
 def apply_freezing(model: torch.nn.Module, config: RunConfig) -> list[str]:

@@ -129,6 +129,8 @@ def transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = Non
         moe_router_load_balancing_type="aux_loss",
         moe_expert_capacity_factor=m.moe_expert_capacity_factor,
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        moe_token_drop_policy=m.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
         # grouped GEMM has no expert biases (megatron-core asserts); biased experts
         # (Phi-2's add_bias_linear) use SequentialMLP with TE linears instead
         moe_grouped_gemm=use_te and moe and not m.add_bias_linear,
@@ -156,8 +158,12 @@ def transformer_config_from(config: RunConfig, hardware: Hardware | None = None)
 def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
     """The GPT MoE model for this rank (call after parallel.initialize_parallel)."""
     transformer_config = transformer_config_from(config)
+    m = config.model
+    gumbel = m.moe_router_gumbel_second_expert and m.num_experts is not None
+    gumbel_seed = config.training.seed if gumbel else None  # (a dense build: no router)
     specs = build_layer_specs(transformer_config, use_transformer_engine(config), config.stgc,
-                              config.ltdr, config.model.parallel_attention_mlp)
+                              config.ltdr, config.model.parallel_attention_mlp,
+                              gumbel_seed=gumbel_seed)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=specs,
@@ -178,7 +184,21 @@ def build_gpt_model(config: RunConfig, vocab_size: int) -> GPTModel:
         check_stgc_attached(model)
     if config.ltdr.enabled:
         prepare_ltdr(model)
+    install_eval_capacity_factor(model, config)
     return model
+
+
+def install_eval_capacity_factor(model, config: RunConfig) -> None:
+    """--moe-eval-capacity-factor (when it differs from the training factor): eval-mode
+    forwards of the MoE layers use it (megatron_stgc.routing.capacity)."""
+    m = config.model
+    if m.num_experts is None or m.moe_eval_capacity_factor is None:
+        return
+    if m.moe_eval_capacity_factor == m.moe_expert_capacity_factor:
+        return
+    from megatron_stgc.routing.capacity import install_eval_capacity
+
+    install_eval_capacity(model, m.moe_expert_capacity_factor, m.moe_eval_capacity_factor)
 
 
 def prepare_ltdr(model) -> None:

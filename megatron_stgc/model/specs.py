@@ -18,6 +18,7 @@ def build_layer_specs(
     stgc_config: Optional[STGCConfig] = None,
     ltdr_config: Optional[LTDRConfig] = None,
     parallel_attention_mlp: bool = False,
+    gumbel_seed: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """Decoder block spec for a GPT with MoE on every ``moe_layer_freq``-th layer.
 
@@ -31,6 +32,8 @@ def build_layer_specs(
     With ``parallel_attention_mlp`` (local spec only) every layer is first made Phi-2's
     parallel block (``megatron_stgc.model.parallel_block``); its ``mlp`` submodule stays the
     spec's, so the STGC and LTDR swaps that follow reach it unchanged.
+    With ``gumbel_seed`` (--moe-router-gumbel-second-expert) every MoE router, whichever
+    class, then samples its second expert (``megatron_stgc.routing.spec``).
     """
     block_spec = get_gpt_decoder_block_spec(
         transformer_config,
@@ -52,4 +55,8 @@ def build_layer_specs(
         from megatron_stgc.ltdr.spec import apply_ltdr
 
         block_spec = apply_ltdr(block_spec, ltdr_config)
+    if gumbel_seed is not None:
+        from megatron_stgc.routing.spec import apply_gumbel_second_expert
+
+        block_spec = apply_gumbel_second_expert(block_spec, gumbel_seed)
     return block_spec

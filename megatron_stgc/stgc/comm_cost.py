@@ -54,7 +54,8 @@ class PaperLayout:
     dense_ffn_params: trainable parameters outside the MoE layers, reduced over all DP
     ranks. 0 when stage III trains the MoE layers only (this package's --freeze-lm); the
     dense layers' FFNs (12 x 3 x 2048 x 5632 = 415M) if they train too, as MoE-LLaVA's
-    ``--train_modules`` name-matching may do (not verified against upstream).
+    ``--train_modules`` name-matching does (read in its source: docs/RECIPE.md; its
+    projector trains too, --trainable-modules moe-llava-stage3).
     """
 
     hidden: int = 2048

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_stgc.config import RunConfig
 from megatron_stgc.model.freeze import apply_freezing
 from megatron_stgc.model.gpt import build_gpt_model
+from megatron_stgc.model.param_groups import describe_trainable
 
 
 @dataclass
@@ -102,9 +103,20 @@ def build_model(config: RunConfig, vocab_size: int,
         notes.append(load_pretrained(model, config, vocab_size))
     frozen = apply_freezing(model, config)
     if frozen:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        notes.append(f"frozen: {len(frozen)} parameter tensors; {trainable} parameters train")
+        notes.append(f"frozen: {len(frozen)} parameter tensors ("
+                     + _what_decides_training(config) + ")")
+    notes.append(describe_trainable(model))
     return model, notes
+
+
+def _what_decides_training(config: RunConfig) -> str:
+    v = config.vision
+    flags = [flag for flag, on in (("--freeze-vit", v.freeze_vit),
+                                   ("--freeze-projection", v.freeze_projection),
+                                   ("--freeze-lm", v.freeze_lm)) if on]
+    if v.trainable_modules is not None:
+        flags.insert(0, f"--trainable-modules {v.trainable_modules}")
+    return " ".join(flags)
 
 
 def build_model_and_optimizer(config: RunConfig, vocab_size: int,

@@ -35,6 +35,7 @@ from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_
                                                unregister_stgc_metrics)
 from megatron_stgc.training.ltdr_hooks import register_ltdr_metrics, unregister_ltdr_metrics
 from megatron_stgc.training.step import StepResult
+from megatron_stgc.routing.spec import set_router_step
 
 
 def cache_dir_for(config: RunConfig) -> str:
@@ -57,13 +58,15 @@ def build_vision_language_data(config: RunConfig):
     mean, std = (SIGLIP_MEAN, SIGLIP_STD) if v.vision_model_type == "siglip" else (CLIP_MEAN,
                                                                                    CLIP_STD)
     loader = ImagePreprocessor(v.img_h, v.img_w, mean, std, backend=config.data.image_loader,
-                               max_pixels=config.data.max_image_pixels)
+                               max_pixels=config.data.max_image_pixels,
+                               pad_to_square=config.data.image_aspect_ratio == "pad")
     return build_llava_dataset(
         config.data.data_path, config.data.image_root, cache_dir_for(config),
         seed=config.training.seed, seq_length=config.model.seq_length,
         num_image_tokens=num_image_tokens(config), image_loader=loader,
         tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
-        allow_image_outside_root=config.data.allow_image_outside_root)
+        allow_image_outside_root=config.data.allow_image_outside_root,
+        chat_template=config.data.chat_template)
 
 
 def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
@@ -214,6 +217,7 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
         guard.iteration = progress.iteration + 1
         batches = micro_batches(dataset, progress.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, dp_rank, dp_size)
+        set_router_step(objects.model, progress.iteration)  # Gumbel noise keyed on the step
         result = run_train_step(config, objects, batches, n_micro, progress.iteration)
         step_time = time.perf_counter() - start
         progress.iteration += 1
