@@ -95,7 +95,7 @@ def test_script_launches_the_tiny_job_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("name,vision,image_tokens,layers", [
     ("llava_stablelm_1.6b_clip336.yaml", "clip", 576, 24),
-    ("llava_phi2_2.7b_siglip.yaml", "siglip", 729, 32)])
+    ("llava_phi2_2.7b_siglip.yaml", "siglip", 728, 32)])
 def test_llava_paper_settings_are_valid_for_two_nodes(tmp_path, name, vision, image_tokens,
                                                       layers):
     from megatron_stgc.model.vision import num_image_tokens, vision_transformer_config
