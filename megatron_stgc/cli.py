@@ -36,7 +36,8 @@ def _train(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     import argparse
 
-    from megatron_stgc.eval.generate import EvalOptions, add_eval_flags, run_eval
+    from megatron_stgc.eval.options import EvalOptions, add_eval_flags
+    from megatron_stgc.eval.run import run_eval
 
     parser = argparse.ArgumentParser(prog="megatron-stgc eval", add_help=False)
     add_eval_flags(parser)
@@ -103,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command == "eval":
             import argparse
 
-            from megatron_stgc.eval.generate import add_eval_flags
+            from megatron_stgc.eval.options import add_eval_flags
 
             parser = argparse.ArgumentParser(prog="megatron-stgc eval",
                                              description="eval flags; the model/data flags are "

@@ -10,7 +10,7 @@ suffix unless ``--prompt-suffix`` gives one; answers of 128 new tokens at most.
 from __future__ import annotations
 
 from megatron_stgc.eval import scoring
-from megatron_stgc.eval.benchmarks.base import Defaults, counts, format_report
+from megatron_stgc.eval.benchmarks.base import BenchmarkError, Defaults, counts, format_report
 from megatron_stgc.eval.benchmarks.benchmark import Benchmark
 from megatron_stgc.eval.benchmarks.llava_questions import read_llava_questions
 
@@ -25,7 +25,10 @@ class GenericLlava(Benchmark):
     def score(self, questions, answers, files):
         if files.annotations is None:
             return super().score(questions, answers, files)
-        result = scoring.score([a for a in answers if a is not None], files.annotations)
+        try:
+            result = scoring.score([a for a in answers if a is not None], files.annotations)
+        except ValueError as error:  # scoring names the file/record; our error type
+            raise BenchmarkError(f"ground truth {files.annotations}: {error}") from None
         # the exact-match result keeps its own keys ("overall", "per_category"), which the
         # tools read; the shared counts are added
         return dict(result, benchmark=self.name, counts=counts(questions, answers),
