@@ -59,10 +59,12 @@ def test_eval_needs_a_checkpoint(capsys):
 
 
 def test_bad_ground_truth_is_found_before_decoding(tmp_path, capsys):
-    """A label file of other images: refused before any model is built."""
+    """A label file of other images: refused before any model is built (the training batch
+    flags, which do not fit here, are not eval's concern)."""
     d = pope_dir(tmp_path)
     other = {"question_id": 0, "image": "COCO_val2014_1.jpg", "text": "?", "label": "no"}
     (d / "coco" / "coco_pope_random.json").write_text(json.dumps(other) + "\n")
-    assert run_eval(tmp_path, "--benchmark", "pope", "--benchmark-dir", str(d)) == 2
+    assert run_eval(tmp_path, "--benchmark", "pope", "--benchmark-dir", str(d),
+                    "--global-batch-size", "7") == 2
     err = capsys.readouterr().err
     assert "benchmark file error: label file" in err and "coco_pope_random.json:1" in err
