@@ -87,7 +87,7 @@ class CachedGeneration:
         tokens = torch.full((batch, max(lengths)), pad_id, dtype=torch.long)
         for row, prompt in enumerate(rows.prompts):
             tokens[row, :len(prompt)] = torch.tensor(prompt)
-        self.in_prompt = torch.tensor(lengths)  # [b] prompt lengths
+        self.prompt_lengths = torch.tensor(lengths)  # [b]
         self.prompt_tokens = tokens.to(inputs.device)  # [b, L]
         positions = torch.arange(tokens.shape[1], device=inputs.device).expand(batch, -1)
         with torch.no_grad():
@@ -134,7 +134,7 @@ class CachedGeneration:
         step = torch.tensor(tokens, dtype=torch.long, device=self.inputs.device).unsqueeze(1)
         positions = torch.full_like(step, position)
         fresh = self.inputs.word_embeddings(step, positions)  # [1, b, h]
-        inside = (self.in_prompt > position).to(self.inputs.device)  # [b]
+        inside = (self.prompt_lengths > position).to(self.inputs.device)  # [b]
         if position < self.prompt_embeddings.shape[0]:
             fresh = torch.where(inside[None, :, None], self.prompt_embeddings[position:position + 1],
                                 fresh)
