@@ -16,7 +16,8 @@ USAGE = """usage: megatron-stgc <command> [flags]
 
 commands:
   train         train a GPT MoE or MoE-LLaVA model (run under torchrun for >1 process)
-  eval          greedy answers for a LLaVA question file from a checkpoint, scored
+  eval          greedy answers to a benchmark (--benchmark NAME) from a checkpoint, scored
+  score         score a benchmark's answers file (no model; docs/EVAL.md)
   export        a checkpoint -> a --pretrained-checkpoint directory (one process)
   plot          PNG figures (loss, conflicts, Fig. 3a/3b/4 analogues) from runs' JSONL logs
   print-config  print the resolved configuration as YAML and exit
@@ -35,12 +36,26 @@ def _train(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     import argparse
 
-    from megatron_stgc.eval.generate import EvalOptions, add_eval_flags, run_eval
+    from megatron_stgc.eval.options import EvalOptions, add_eval_flags
+    from megatron_stgc.eval.run import run_eval
 
     parser = argparse.ArgumentParser(prog="megatron-stgc eval", add_help=False)
     add_eval_flags(parser)
     eval_args, rest = parser.parse_known_args(argv)
     run_eval(parse_run_config(rest), EvalOptions(**vars(eval_args)))
+    return 0
+
+
+def _score(argv: list[str]) -> int:
+    import argparse
+
+    from megatron_stgc.eval.options import EvalOptions, add_score_flags
+    from megatron_stgc.eval.score import run_score
+
+    parser = argparse.ArgumentParser(prog="megatron-stgc score",
+                                     description="score a benchmark's answers file")
+    add_score_flags(parser)
+    run_score(EvalOptions(**vars(parser.parse_args(argv))))
     return 0
 
 
@@ -72,8 +87,8 @@ def _plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "export": _export, "print-config": _print_config,
-            "plot": _plot}
+COMMANDS = {"train": _train, "eval": _eval, "score": _score, "export": _export,
+            "print-config": _print_config, "plot": _plot}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -89,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command == "eval":
             import argparse
 
-            from megatron_stgc.eval.generate import add_eval_flags
+            from megatron_stgc.eval.options import add_eval_flags
 
             parser = argparse.ArgumentParser(prog="megatron-stgc eval",
                                              description="eval flags; the model/data flags are "
@@ -99,10 +114,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             build_arg_parser().print_help()
         return 0
+    from megatron_stgc.eval.benchmarks.base import BenchmarkError
+
     try:
         return COMMANDS[command](rest)
     except ConfigError as error:
         print(f"megatron-stgc: configuration error: {error}", file=sys.stderr)
+        return 2
+    except BenchmarkError as error:
+        print(f"megatron-stgc: benchmark file error: {error}", file=sys.stderr)
         return 2
 
 

@@ -379,10 +379,11 @@ def fill_defaults(config: RunConfig) -> RunConfig:
     return config
 
 
-def validate_run_config(config: RunConfig, world_size: int) -> None:
+def validate_run_config(config: RunConfig, world_size: int, training: bool = True) -> None:
     """Check a RunConfig for a run on ``world_size`` processes; raise ConfigError naming the flag.
 
-    Call before torch.distributed is initialised.
+    Call before torch.distributed is initialised. ``training=False`` (eval): the batch-size
+    flags need not fit this world size, and a vision-language model needs no --data-path.
     """
     fill_defaults(config)
     m, p, t, pr = config.model, config.parallel, config.training, config.precision
@@ -475,7 +476,7 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
                  f"expert tensor-parallel size ({expert_tp})")
 
     per_step = t.micro_batch_size * dp
-    _require(t.global_batch_size % per_step == 0,
+    _require(not training or t.global_batch_size % per_step == 0,
              f"--global-batch-size ({t.global_batch_size}) must be divisible by "
              f"--micro-batch-size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}")
     _require(m.recompute_granularity in (None, "full", "selective"),
@@ -535,7 +536,7 @@ def validate_run_config(config: RunConfig, world_size: int) -> None:
     _require(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
     _validate_block_layout(config)
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
-    _validate_vision(config)
+    _validate_vision(config, training)
     _validate_ltdr(config)
     from megatron_stgc.recipe_checks import validate_recipe
 
@@ -646,7 +647,7 @@ def _validate_stgc_layers(config: RunConfig) -> None:
              f"--stgc reaches no MoE layer: --stgc-layers selects {selected}, MoE layers are {moe}")
 
 
-def _validate_vision(config: RunConfig) -> None:
+def _validate_vision(config: RunConfig, training: bool = True) -> None:
     """The vision section and the data flags that only make sense with (or without) it."""
     v, d = config.vision, config.data
     _require(d.image_loader in ("auto", "dali", "pil"),
@@ -659,7 +660,7 @@ def _validate_vision(config: RunConfig) -> None:
     else:
         _require(v.vision_model_type in ("clip", "siglip"),
                  f"--vision-model-type must be 'clip' or 'siglip', got {v.vision_model_type!r}")
-        _require(d.data_path is not None,
+        _require(d.data_path is not None or not training,
                  "--vision-model-type needs --data-path (a LLaVA-format JSON/JSONL file; "
                  "tools/make_digits_mix.py writes the embedded default)")
         for key in ("vision_num_layers", "vision_hidden_size", "vision_ffn_hidden_size",

@@ -158,7 +158,7 @@ def test_generation_prompt_and_stop_strings(tokenizer):
                                  image_token_id=tokenizer.vocab_size, num_image_tokens=N_IMAGE)
     assert ids == _to_our_layout(_their_image_tokens(prompt, tokenizer.tok), [0] * 200,
                                  tokenizer.vocab_size)[0]
-    assert get_template("plain").stop_strings == ()
+    assert get_template("plain").stop_strings == ("<|user|>",)  # the next user turn
     plain = get_template("plain").prompt_tokens("What is it?", tokenizer, has_image=False,
                                                 image_token_id=0, num_image_tokens=1)
     assert plain == tokenizer.encode("<|user|> What is it?\n<|assistant|>")

@@ -21,12 +21,12 @@ EXAMPLE = os.path.join(REPO, "examples", "tiny_llava_digits.yaml")
 STEPS = 40
 
 
-def torchrun(command: str, flags: list[str]) -> list[str]:
+def torchrun(command: str, flags: list[str], nproc: int = 2) -> list[str]:
     import sys
 
     from launch_utils import free_port
 
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(free_port()), "-m", "megatron_stgc", command, *flags]
 
 
@@ -103,6 +103,63 @@ def test_eval_answers_every_question_and_scores(trained):
         "--eval-pad-to-multiple", "16"]), str(root / "eval_padded.out"), timeout=300)
     padded_lines = [json.loads(line) for line in padded.read_text().splitlines()]
     assert [line["text"] for line in padded_lines] == [line["text"] for line in lines]
+
+
+def pope_from_digits(root, mix, count: int = 16):
+    """A POPE-layout benchmark folder (questions, val2014/ images, coco/ labels) from the
+    first ``count`` "even" validation questions: its own image folder, not --image-root."""
+    import shutil
+
+    with open(mix["val_questions"]) as f:
+        questions = [q for q in map(json.loads, f) if q["category"] == "even"][:count]
+    with open(mix["val_answers"]) as f:
+        truth = {t["question_id"]: t["answer"] for t in map(json.loads, f)}
+    folder = root / "pope"
+    (folder / "val2014").mkdir(parents=True)
+    (folder / "coco").mkdir()
+    for q in questions:
+        shutil.copy(os.path.join(mix["image_root"], q["image"]), folder / "val2014")
+    lines = [{"question_id": q["question_id"], "image": os.path.basename(q["image"]),
+              "text": q["text"], "category": "random"} for q in questions]
+    (folder / "llava_pope_test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in lines))
+    (folder / "coco" / "coco_pope_random.json").write_text("".join(
+        json.dumps({**q, "label": truth[q["question_id"]]}) + "\n" for q in lines))
+    return folder
+
+
+def test_eval_layouts_and_the_cache_give_the_same_answers(trained):
+    """megatron-stgc eval builds only the model: one process (EP 1, no KV cache, no
+    --data-path: the tokenizer file given), two processes with EP 2 and with DP 2 x EP 1
+    (KV cache, tokenizer found in the run's cache) answer a POPE-layout benchmark the same."""
+    import glob
+
+    root = trained["root"]
+    bench = pope_from_digits(root, trained["mix"])
+    flags = trained["flags"]
+    at = flags.index("--data-path")
+    without_data = flags[:at] + ["--data-path", "none"] + flags[at + 2:]  # the YAML names one
+    [tokenizer] = glob.glob(str(root / "cache" / "spm-*.model"))
+    runs = {  # name: (processes, flags)
+        "one": (1, without_data + ["--tokenizer-model", tokenizer,
+                                   "--expert-model-parallel-size", "1", "--no-kv-cache"]),
+        "ep2": (2, flags),
+        "dp2": (2, flags + ["--expert-model-parallel-size", "1"]),
+    }
+    answers, outputs = {}, {}
+    for name, (nproc, run_flags) in runs.items():
+        outputs[name] = run_job(torchrun("eval", run_flags + [
+            "--benchmark", "pope", "--benchmark-dir", str(bench), "--model-id", name,
+            "--prompt-suffix", "",  # the toy was trained without POPE's suffix (--seq-length 48)
+            "--results-file", str(root / f"pope_{name}.json")], nproc=nproc),
+            str(root / f"eval_pope_{name}.out"), timeout=300)
+        lines = [json.loads(line) for line in (bench / "answers" / f"{name}.jsonl").open()]
+        answers[name] = [(line["question_id"], line["text"]) for line in lines]
+        scores = json.loads((root / f"pope_{name}.json").read_text())
+        assert scores["per_category"]["random"]["questions"] == 16
+        assert scores["counts"]["missing"] == 0 and scores["counts"]["errors"] == 0
+    assert "no KV cache" in outputs["one"] and ", KV cache" in outputs["ep2"]
+    assert all(text for _, text in answers["one"])
+    assert answers["ep2"] == answers["one"] and answers["dp2"] == answers["one"]
 
 
 def test_export_gathers_every_expert_into_one_pretrained_checkpoint(trained):

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_stgc.data import conversation as plain
+from megatron_stgc.data.instruct_text import USER_TAG
 from megatron_stgc.data.conversation import (ASSISTANT_ROLES, IMAGE_TAG, USER_ROLES,
                                              BadConversation, TokenizedConversation,
                                              truncate_conversation, turns_with_image_tag)
@@ -61,8 +62,11 @@ class ChatTemplate:
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
-        """Text that ends an answer (besides the tokenizer's EOS id)."""
-        return (self.sep2,) if self.style == "two" else ()
+        """Text that ends an answer (besides the tokenizer's EOS id): MoE-LLaVA's separator, or
+        the plain template's next user tag (a model that skips EOS starts that turn)."""
+        if self.style == "two":
+            return (self.sep2,)
+        return (USER_TAG,) if self.style == "plain" else ()
 
     def prompt(self, question: str, has_image: bool = True) -> str:
         """The generation prompt's text: human turn + assistant prefix."""
@@ -212,6 +216,8 @@ def get_template(name: str) -> ChatTemplate:
 def check_tokenizer_fits(template: ChatTemplate, tokenizer, tokenizer_path: str) -> None:
     """A MoE-LLaVA template's separator must be one token of the tokenizer (its EOS): the
     masking rule counts it as one. Raises ValueError naming both flags otherwise."""
+    if template.style != "two":
+        return
     for stop in template.stop_strings:
         ids = tokenizer.encode(stop)
         if len(ids) != 1:

@@ -143,6 +143,18 @@ def micro_batches(dataset: PackedDataset, consumed_samples: int, global_batch_si
         yield dataset.batch(indices)
 
 
+def text_conversations(data_path: Optional[str], num_samples: int) -> list[Conversation]:
+    """The text data set's conversations: --data-path, or the embedded generator's."""
+    if data_path is not None:
+        return load_conversations(data_path)
+    return generate_conversations(num_samples, seed=0)
+
+
+def tokenizer_texts(conversations: list[Conversation]) -> list[str]:
+    """What the SentencePiece model of a text run is trained on (and cached by)."""
+    return [format_conversation(c) for c in conversations]
+
+
 def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optional[str] = None,
                   tokenizer_model: Optional[str] = None, vocab_size: int = 512,
                   num_samples: int = 4000) -> tuple[PackedDataset, Tokenizer]:
@@ -152,15 +164,12 @@ def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optiona
     conversations. Call on every rank; to avoid a training race, let rank 0 call
     it first (``prepare_data`` in training/train.py does).
     """
-    if data_path is not None:
-        conversations = load_conversations(data_path)
-    else:
-        conversations = generate_conversations(num_samples, seed=0)
+    conversations = text_conversations(data_path, num_samples)
     if tokenizer_model is not None:
         tokenizer = load_tokenizer(tokenizer_model)
     else:
         os.makedirs(cache_dir, exist_ok=True)
-        tokenizer = get_or_train_tokenizer([format_conversation(c) for c in conversations],
-                                           vocab_size, cache_dir)
+        tokenizer = get_or_train_tokenizer(tokenizer_texts(conversations), vocab_size,
+                                           cache_dir)
     tokens, loss_mask = pack_conversations(conversations, tokenizer, seq_length)
     return PackedDataset(tokens, loss_mask, seed), tokenizer

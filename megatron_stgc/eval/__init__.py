@@ -1,2 +1,4 @@
-"""Evaluation: greedy answering of LLaVA question files (``generate``, needs torch and
-megatron-core) and pure-Python answer scoring / comparison tables (``scoring``)."""
+"""Evaluation (docs/EVAL.md): ``run`` (``megatron-stgc eval``: model-only loading in
+``model_only``, questions over ranks in ``distribute``, greedy decoding in ``generate`` /
+``generation`` with megatron-core's KV cache), ``benchmarks`` (readers and official scorers,
+pure Python; ``megatron-stgc score``) and ``scoring`` (exact match, answer files, tables)."""

@@ -322,10 +322,16 @@ def load_model_weights(root: str, model, iteration: Optional[int] = None) -> Tra
     parallel layout loads (an EP=2 MoE's experts into one process, say); the full load
     would also have to map the optimizer's layout, which differs between EP sizes.
     """
+    return load_module_weights(root, model[0].module, iteration)
+
+
+def load_module_weights(root: str, module: torch.nn.Module,
+                        iteration: Optional[int] = None) -> TrainProgress:
+    """``load_model_weights`` into a bare model (no DDP wrapper): what eval builds."""
     path = _checkpoint_path(root, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
     _check_format(path, common["format_version"])
-    state = dist_checkpointing.load({"model": model[0].module.sharded_state_dict()}, path)
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)
     with torch.no_grad():  # loading writes into parameters in place
-        model[0].module.load_state_dict(state["model"])
+        module.load_state_dict(state["model"])
     return TrainProgress(**common["progress"])

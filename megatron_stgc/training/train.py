@@ -47,19 +47,25 @@ def cache_dir_for(config: RunConfig) -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "megatron_stgc")
 
 
-def build_vision_language_data(config: RunConfig):
-    """The LLaVA data set (index, tokenizer, image loader) for --vision-model-type runs."""
+def image_preprocessor(config: RunConfig):
+    """The image loader of --vision-model-type runs (DALI or PIL; CLIP or SigLIP normalisation)."""
     from megatron_stgc.data.images import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
     from megatron_stgc.data.images import ImagePreprocessor
-    from megatron_stgc.data.llava_dataset import build_llava_dataset
-    from megatron_stgc.model.vision import num_image_tokens
 
     v = config.vision
     mean, std = (SIGLIP_MEAN, SIGLIP_STD) if v.vision_model_type == "siglip" else (CLIP_MEAN,
                                                                                    CLIP_STD)
-    loader = ImagePreprocessor(v.img_h, v.img_w, mean, std, backend=config.data.image_loader,
-                               max_pixels=config.data.max_image_pixels,
-                               pad_to_square=config.data.image_aspect_ratio == "pad")
+    return ImagePreprocessor(v.img_h, v.img_w, mean, std, backend=config.data.image_loader,
+                             max_pixels=config.data.max_image_pixels,
+                             pad_to_square=config.data.image_aspect_ratio == "pad")
+
+
+def build_vision_language_data(config: RunConfig):
+    """The LLaVA data set (index, tokenizer, image loader) for --vision-model-type runs."""
+    from megatron_stgc.data.llava_dataset import build_llava_dataset
+    from megatron_stgc.model.vision import num_image_tokens
+
+    loader = image_preprocessor(config)
     return build_llava_dataset(
         config.data.data_path, config.data.image_root, cache_dir_for(config),
         seed=config.training.seed, seq_length=config.model.seq_length,
