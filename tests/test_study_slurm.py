@@ -65,7 +65,8 @@ def user_mix(tmp_path):
         "--grid", os.path.join(EXAMPLES, "llava_mix.yaml"), "--output", str(out),
         "--launcher", "slurm", "--set", f"mix={tmp_path / 'mix.json'}",
         "--set", f"image_root={tmp_path / 'images'}", "--set", f"pretrained={tmp_path / 'dense'}",
-        "--set", f"tokenizer={tmp_path / 'spm.model'}", "--set", f"questions={tmp_path / 'q.jsonl'}",
+        "--set", f"tokenizer={tmp_path / 'spm.model'}",
+        "--set", f"questions={tmp_path / 'q.jsonl'}",
         "--set", f"answers={tmp_path / 'a.jsonl'}", "--sbatch=--partition=gpu"])
     assert code == 0
     return out

@@ -69,6 +69,9 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 def plan_from_args(args, extra: list[str], say=print) -> Study:
     spec = load_grid_file(args.grid)
     spec["grid_file"] = os.path.abspath(args.grid)
+    sets = _pairs(args.set, "--set")
+    if "base" in sets:  # another base config: for the commands and the point checks
+        spec["base"] = sets["base"] = os.path.abspath(sets["base"])
     axes = {name: split_values(values) for name, values in _pairs(args.axis, "--axis").items()}
     points = all_points(spec, axes, parse_variations(args.variations or ""))
     baseline_of = baselines(points, spec.get("baseline"))
@@ -94,8 +97,7 @@ def plan_from_args(args, extra: list[str], say=print) -> Study:
         raise StudyError(f"--seeds / seeds: integers, got {seeds_text!r}") from None
     if len(set(seeds)) != len(seeds) or not seeds:
         raise StudyError(f"--seeds / seeds: distinct integers, got {seeds_text!r}")
-    return build_study(spec, args.output, points, seeds, baseline_of, extra,
-                       _pairs(args.set, "--set"), sizes)
+    return build_study(spec, args.output, points, seeds, baseline_of, extra, sets, sizes)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

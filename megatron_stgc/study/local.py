@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from megatron_stgc.study.grid_file import StudyError
@@ -125,13 +125,19 @@ def run_local(study: Study, jobs: int = 1, say: Callable[[str], None] = print) -
     for slot in gpu_slots(jobs, nproc):
         slots.put(slot)
     done_count = [0]
+    failed = threading.Event()  # after a failure no further run starts
 
     def one(job: Job) -> None:
+        if failed.is_set():
+            return
         slot = slots.get()
         began = time.perf_counter()
         try:
             job_env = env if slot is None else dict(env, CUDA_VISIBLE_DEVICES=slot)
             ran = run_job(job, study, job_env, jobs == 1, locked_say)
+        except StudyError:
+            failed.set()
+            raise
         finally:
             slots.put(slot)
         with lock:
@@ -150,12 +156,8 @@ def run_local(study: Study, jobs: int = 1, say: Callable[[str], None] = print) -
         for future in futures:
             try:
                 future.result()
-            except CancelledError:
-                continue
             except StudyError as error:
                 errors.append(error)
-                for other in futures:
-                    other.cancel()  # runs not started yet stay unstarted
     if errors:
         raise errors[0]
     return ran_now

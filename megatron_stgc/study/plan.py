@@ -101,9 +101,12 @@ def load_study(output: str) -> Study:
                          "with --grid)")
     with open(path) as f:
         raw = json.load(f)
-    job = lambda j: None if j is None else Job(**{**j, "steps": [Step(**s) for s in j["steps"]]})  # noqa: E731
     return Study(**{**raw, "points": {n: Point(**p) for n, p in raw["points"].items()},
-                    "once": job(raw["once"]), "runs": [job(j) for j in raw["runs"]]})
+                    "once": _job(raw["once"]), "runs": [_job(j) for j in raw["runs"]]})
+
+
+def _job(raw: Optional[dict]) -> Optional[Job]:
+    return None if raw is None else Job(**{**raw, "steps": [Step(**s) for s in raw["steps"]]})
 
 
 def run_dir(output: str, point: str, seed: int) -> str:

@@ -117,7 +117,8 @@ def submit_script(study: Study, once: str | None, runs: list[str], collect: str)
     lines.append("RUNS=()")
     lines += [f'RUNS+=("$(submit ${{AFTER[@]+"${{AFTER[@]}}"}} {shlex.quote(path)})")'
               for path in runs]
-    lines += ['if ((${#RUNS[@]})); then AFTER=(--dependency=afterok:$(IFS=:; echo "${RUNS[*]}")); fi',
+    lines += ['if ((${#RUNS[@]})); then',
+              '  AFTER=(--dependency=afterok:$(IFS=:; echo "${RUNS[*]}"))', 'fi',
               f'COLLECT=$(submit ${{AFTER[@]+"${{AFTER[@]}}"}} {shlex.quote(collect)})',
               'echo "study: ${#RUNS[@]} run jobs (${RUNS[*]:-none}), collect job $COLLECT"']
     return "\n".join(lines) + "\n"

@@ -19,19 +19,20 @@ def _parse(base: str, point: Point, extra: list[str]):
     from megatron_stgc.config import ConfigError, build_arg_parser, parse_run_config
 
     argv = ["--config", base, *point.flags, *extra]
-    _, unknown = build_arg_parser().parse_known_args(argv)
-    if unknown:
-        raise StudyError(f"point {point.name}: not megatron-stgc train flags: "
-                         f"{' '.join(unknown)} (in {point.flags + extra})")
     errors = io.StringIO()
     try:
-        with contextlib.redirect_stderr(errors):
-            return parse_run_config(argv)
+        with contextlib.redirect_stderr(errors):  # argparse's usage text: only its last line
+            _, unknown = build_arg_parser().parse_known_args(argv)
+            config = None if unknown else parse_run_config(argv)
     except SystemExit:
         raise StudyError(f"point {point.name}: bad flag value in {point.flags + extra}: "
                          f"{errors.getvalue().strip().splitlines()[-1]}") from None
     except ConfigError as error:
         raise StudyError(f"point {point.name}: {error}") from None
+    if unknown:
+        raise StudyError(f"point {point.name}: not megatron-stgc train flags: "
+                         f"{' '.join(unknown)} (in {point.flags + extra})")
+    return config
 
 
 def check_points(points: dict[str, Point], base: str, extra: list[str], skip_invalid: bool,
