@@ -170,3 +170,4 @@ def test_collect_only_reads_study_json_and_a_broken_log_names_the_file(study):
     assert ("stgcon", "3") in {(r["point"], r["seed"]) for r in rows}
     assert all(r["ran_now"] == "False" for r in rows)
     assert (study / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (study / "plots" / "loss.png").is_file()  # megatron-stgc plot of the seed-1 runs

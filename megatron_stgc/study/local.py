@@ -1,5 +1,6 @@
 """``--launcher local``: the study's stages on this machine, torchrun stages with
-``torchrun --standalone`` (one node). The once-job first, then the runs, ``--jobs`` of them at
+``torchrun --standalone`` (one node; a one-process stage without restarts runs as
+``python <command>``, megatron-stgc making its own one-rank group). The once-job first, then the runs, ``--jobs`` of them at
 a time (each with its own GPUs when CUDA is present: CUDA_VISIBLE_DEVICES is split between
 the concurrent runs). A finished stage (its ``.done`` file) is not rerun; a training stage
 that was interrupted resumes from its --save checkpoint when its command passes --load.
@@ -32,6 +33,10 @@ def local_command(step: Step, max_restarts: int) -> list[str]:
     if step.nnodes != 1:
         raise StudyError(f"stage {step.stage}: nnodes {step.nnodes}; --launcher local runs on "
                          "this machine only (--launcher slurm for several nodes)")
+    if step.nproc_per_node == 1 and max_restarts == 0:
+        # one process: python itself, no torchrun agent (megatron-stgc makes its own
+        # one-rank group); saves the agent's start-up on every short run
+        return [sys.executable] + step.argv
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
             "--nproc-per-node", str(step.nproc_per_node), "--max-restarts",
             str(max_restarts)] + step.argv
