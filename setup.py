@@ -33,7 +33,7 @@ setup(
         "convert": ["transformers"],  # tools/convert_hf_to_megatron.py
         "test": ["pytest", "nvidia-dali-cuda120", "transformers"],
         "tensorboard": ["tensorboard"],
-        "plot": ["matplotlib"],  # tools/scaling_study.py's PNG
+        "plot": ["matplotlib"],  # megatron-stgc plot / study figures
     },
     entry_points={"console_scripts": ["megatron-stgc=megatron_stgc.cli:main"]},
 )

@@ -20,6 +20,7 @@ commands:
   score         score a benchmark's answers file (no model; docs/EVAL.md)
   export        a checkpoint -> a --pretrained-checkpoint directory (one process)
   plot          PNG figures (loss, conflicts, Fig. 3a/3b/4 analogues) from runs' JSONL logs
+  study         a seed-paired study from a grid file, locally or as SLURM jobs (docs/STUDY.md)
   print-config  print the resolved configuration as YAML and exit
 
 run `megatron-stgc train --help` for the flags."""
@@ -87,8 +88,14 @@ def _plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
+def _study(argv: list[str]) -> int:
+    from megatron_stgc.study.cli import main as study_main
+
+    return study_main(argv)
+
+
 COMMANDS = {"train": _train, "eval": _eval, "score": _score, "export": _export,
-            "print-config": _print_config, "plot": _plot}
+            "print-config": _print_config, "plot": _plot, "study": _study}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -12,6 +12,8 @@ Reads each run's JSONL log (``RUN_DIR/train_log.jsonl``, or the file itself) and
                               steps, in % (Fig. 4)
   expert_load_over_time.png   each expert's share of image tokens per MoE layer over steps
 
+Runs are labelled by their path relative to the runs' common parent (``beta1/seed1`` and
+``baseline/seed1``, not ``seed1`` twice); one run by its directory's name.
 A run without ``stgc/*`` metrics (trained without --stgc) is named in a message and left out
 of the STGC figures; a figure no run has data for is not written (also named).
 """
@@ -26,11 +28,15 @@ from typing import Callable, Optional
 LAST_STEPS = 20
 
 
-def read_run(path: str) -> tuple[str, list[dict]]:
-    """(run name, step records) of a run directory or a JSONL log file."""
-    log = os.path.join(path, "train_log.jsonl") if os.path.isdir(path) else path
+def _log_path(path: str, log_name: str = "train_log.jsonl") -> str:
+    return os.path.join(path, log_name) if os.path.isdir(path) else path
+
+
+def read_records(path: str, log_name: str = "train_log.jsonl") -> list[dict]:
+    """The step records of a run directory (its ``log_name``) or of a JSONL log file."""
+    log = _log_path(path, log_name)
     if not os.path.isfile(log):
-        raise FileNotFoundError(f"{path}: no train_log.jsonl (pass the run directory or its "
+        raise FileNotFoundError(f"{path}: no {log_name} (pass the run directory or its "
                                 "--log-file)")
     records = []
     with open(log) as f:
@@ -41,8 +47,38 @@ def read_run(path: str) -> tuple[str, list[dict]]:
                     records.append(record)
     if not records:
         raise ValueError(f"{log}: no step records")
-    name = os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(log)))
-    return name or log, records
+    return records
+
+
+def run_labels(paths: list[str], log_name: str = "train_log.jsonl") -> list[str]:
+    """A unique label per run: its path relative to the runs' common parent, so that
+    ``a/seed1`` and ``b/seed1`` stay apart (one run: its directory's name). A log file
+    named ``log_name`` stands for its directory, another file for its path without .jsonl."""
+    sources = []
+    for path in paths:
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            path = (os.path.dirname(path) if os.path.basename(path) == log_name
+                    else os.path.splitext(path)[0])
+        sources.append(path)
+    if len(set(sources)) == 1:
+        labels = [os.path.basename(sources[0]) or sources[0]] * len(sources)
+    else:
+        parent = os.path.commonpath(sources)
+        labels = [os.path.relpath(source, parent) for source in sources]
+        labels = [os.path.basename(s) if label == "." else label
+                  for s, label in zip(sources, labels)]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:  # the same run given twice
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return unique
+
+
+def read_run(path: str, log_name: str = "train_log.jsonl") -> tuple[str, list[dict]]:
+    """(run name, step records) of one run directory or JSONL log file."""
+    return run_labels([path], log_name)[0], read_records(path, log_name)
 
 
 def _pyplot():
@@ -211,9 +247,12 @@ FIGURES: dict[str, tuple[bool, Callable]] = {
 }
 
 
-def write_plots(paths: list[str], out_dir: str, say=print) -> list[str]:
-    """Write every figure the runs have data for into ``out_dir``; returns the files."""
-    runs = [read_run(path) for path in paths]
+def write_plots(paths: list[str], out_dir: str, say=print,
+                log_name: str = "train_log.jsonl") -> list[str]:
+    """Write every figure the runs have data for into ``out_dir``; returns the files. Runs
+    are labelled by run_labels (unique even when their directories share a name)."""
+    runs = list(zip(run_labels(paths, log_name),
+                    [read_records(path, log_name) for path in paths]))
     with_stgc = [(name, records) for name, records in runs
                  if any(key.startswith("stgc/") for r in records for key in r)]
     for name, _ in runs:
