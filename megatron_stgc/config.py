@@ -128,6 +128,10 @@ class DataConfig:
     # images with more pixels (width x height, read from the file header before decoding)
     # are counted as image_too_large instead of being decoded
     max_image_pixels: int = 40_000_000
+    # vision-language data: pack each micro-batch's --micro-batch-size samples into as few
+    # rows of --seq-length as they fit (attention and positions per sample; Megatron-LM's
+    # multimodal flag name). Off: one sample per row, cut to the micro-batch's longest
+    use_packed_sequence: bool = False
 
 
 @dataclass
@@ -568,6 +572,9 @@ def _validate_vision(config: RunConfig) -> None:
         for key in ("freeze_vit", "freeze_projection"):
             _require(not getattr(v, key), f"{flag(key)} needs --vision-model-type")
         _require(d.image_root is None, "--image-root needs --vision-model-type")
+        _require(not d.use_packed_sequence,
+                 "--use-packed-sequence needs --vision-model-type (LLaVA-format data); the "
+                 "text-only data set always packs its conversations into full rows")
     else:
         _require(v.vision_model_type in ("clip", "siglip"),
                  f"--vision-model-type must be 'clip' or 'siglip', got {v.vision_model_type!r}")
