@@ -167,6 +167,10 @@ class DataConfig:
     # "resize" stretches every image to --img-h x --img-w; "pad" first pads it to a square
     # with the normalisation mean as the colour (MoE-LLaVA's --image_aspect_ratio pad)
     image_aspect_ratio: str = "resize"
+    # vision-language data: pack each micro-batch's --micro-batch-size samples into as few
+    # rows of --seq-length as they fit (attention and positions per sample; Megatron-LM's
+    # multimodal flag name). Off: one sample per row, cut to the micro-batch's longest
+    use_packed_sequence: bool = False
 
 
 @dataclass
@@ -657,6 +661,9 @@ def _validate_vision(config: RunConfig, training: bool = True) -> None:
         for key in ("freeze_vit", "freeze_projection"):
             _require(not getattr(v, key), f"{flag(key)} needs --vision-model-type")
         _require(d.image_root is None, "--image-root needs --vision-model-type")
+        _require(not d.use_packed_sequence,
+                 "--use-packed-sequence needs --vision-model-type (LLaVA-format data); the "
+                 "text-only data set always packs its conversations into full rows")
     else:
         _require(v.vision_model_type in ("clip", "siglip"),
                  f"--vision-model-type must be 'clip' or 'siglip', got {v.vision_model_type!r}")

@@ -33,6 +33,33 @@ own decode path switches it the same way: ``inference/utils.py``,
 ``set_decode_expert_padding``).
 A spec of any other shape is not guessed at: ``moe_spec_parts`` returns None and the
 STGC spec code turns that into ``UnsupportedMegatronCore`` when ``--stgc`` finds no layer.
+
+``padding_mask`` (read in the 0.16.1, 0.17.1, 0.18.2 and 0.19.2 sources; the lines that
+touch it are the same in all four unless said): ``GPTModel.forward(..., padding_mask)``,
+bool [b, s], **True = padding** (GPTModel's and ``z_loss_func``'s docstrings say so and every
+use inverts it; the router's docstrings say the opposite, the code does not). GPTModel
+scatters it for sequence parallelism only when it embeds the tokens itself: a caller passing
+``decoder_input`` (our MoE-LLaVA) must cut it (we run vision-language models at TP 1).
+TransformerLayer hands it to the MLP (dense MLPs ignore it), MoELayer transposes it to
+[s, b], ``MoELayer.route`` calls ``router(hidden_states, padding_mask)`` (positionally; our
+expert-load hooks read it there: ``router_padding_mask``) and ``TopKRouter.routing`` flattens
+it to megatron's s*b token order. With it:
+  * z-loss: a mean over the non-padding tokens;
+  * aux_loss, seq_aux_loss, global_aux_loss: the scores and the top-k map of the balancing
+    loss are zeroed on padding and the token counts (the normaliser) come from that map, so
+    the loss and its gradient are those of the real tokens alone (padding gets no gradient);
+  * the aux-loss-free expert bias counts non-padding tokens only.
+  It does NOT change: the top-k routing itself (padding rows get experts, the alltoall and
+  allgather dispatchers send them, experts compute them; nothing uses their output, and with
+  causal attention and no loss they receive no gradient), nor token dropping: with
+  ``--moe-expert-capacity-factor`` the capacity counts padding tokens and they compete for
+  slots (``apply_router_token_dropping`` takes no mask). Cutting rows to the longest sample
+  and packing (data/sequences.py) is what keeps that padding small.
+  Differences: 0.17.1+ ``InferenceTopKRouter`` ignores it in inference mode (not used here);
+  0.18.2+ also passes it to multi-token-prediction layers (not used here); 0.19.2's
+  quantile-balancing router rejects it (not used here) and un-flattens THD-packed micro-batches
+  for the MoE layers when ``PackedSeqParams.tokens_per_sample`` is set (we leave it unset: the
+  seq_aux_loss then sees one sequence; our runs use aux_loss). No bridge needed.
 """
 
 from __future__ import annotations
@@ -197,3 +224,14 @@ def main_loss_backward_scale(device) -> torch.Tensor:
     if scale is None:
         return torch.ones((), device=device)
     return scale.detach().float().reshape(()).to(device)
+
+
+# -- the padding mask a router was called with ------------------------------------------
+
+def router_padding_mask(args: tuple, kwargs: dict):
+    """The ``padding_mask`` of a ``TopKRouter.forward`` call seen by a forward hook (with
+    kwargs), or None: ``MoELayer.route`` passes it as the second positional argument in every
+    supported version; a keyword is accepted too."""
+    if "padding_mask" in kwargs:
+        return kwargs["padding_mask"]
+    return args[1] if len(args) > 1 else None

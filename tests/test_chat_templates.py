@@ -216,7 +216,8 @@ def test_llava_dataset_uses_the_template_and_counts_mismatches(tmp_path, hf_dir,
     batch = dataset.batch([0, 1])  # both rows end up as the good record
     ids, mask = _ours(get_template("moe-llava-phi"), CONVERSATION[2:], tokenizer,
                       has_image=False)
-    for row in range(2):
-        assert batch["tokens"][row, :len(ids)].tolist() == ids
+    for row in range(2):  # inputs are ids[:-1], labels ids[1:] (rows cut to the longest sample)
+        assert batch["tokens"][row, :len(ids) - 1].tolist() == ids[:-1]
+        assert batch["labels"][row, :len(ids) - 1].tolist() == ids[1:]
         assert batch["loss_mask"][row, :len(ids) - 1].tolist() == mask[1:]
     assert dataset.bad_samples.counts == {TEMPLATE_MISMATCH: 1}

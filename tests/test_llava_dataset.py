@@ -68,8 +68,12 @@ def test_batch_shapes_images_and_modality(mix):
     assert len(dataset) == 14  # the missing image and the broken line are dropped at index time
     batch = dataset.batch(list(range(len(dataset))))
     b = len(dataset)
-    for key in ("tokens", "labels", "loss_mask", "position_ids", "modality"):
-        assert batch[key].shape == (b, SEQ), key
+    real = ~batch["padding_mask"]
+    width = int(real.sum(dim=1).max())  # cut to the longest sample of the micro-batch
+    assert width < SEQ
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "modality", "padding_mask"):
+        assert batch[key].shape == (b, width), key
+    assert torch.equal(real, batch["modality"] != PAD)
     n_images = batch["images"].shape[0]
     assert batch["images"].shape[1:] == (3, 16, 16)
     image_positions = batch["tokens"] == dataset.image_token_id
@@ -79,8 +83,9 @@ def test_batch_shapes_images_and_modality(mix):
     assert bool(((batch["modality"] == PAD) <= (batch["tokens"] == tokenizer.pad_id)).all())
     assert bool((batch["loss_mask"][batch["modality"] != TEXT] == 0).all())
     assert dataset.image_token_id == tokenizer.vocab_size
-    # labels are the next tokens
-    assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
+    # labels are the next tokens (inside each row's real positions)
+    inside = real[:, 1:]
+    assert torch.equal(batch["labels"][:, :-1][inside], batch["tokens"][:, 1:][inside])
 
 
 def test_bad_samples_counted_by_kind_and_replaced(mix):
@@ -106,8 +111,10 @@ def test_replacement_is_deterministic_for_a_fresh_process(mix):
     positions = list(range(len(warm) + 3, 2 * len(warm)))
     resumed = cold.batch(positions)
     start = len(warm) + 3
+    width = resumed["tokens"].shape[1]  # each micro-batch is cut to its own longest sample
+    assert bool((everything["modality"][start:, width:] == PAD).all())
     for key in ("tokens", "loss_mask", "modality"):
-        assert torch.equal(resumed[key], everything[key][start:]), key
+        assert torch.equal(resumed[key], everything[key][start:, :width]), key
     # the images of the resumed rows are the same images, in the same order
     rows_with_image = (everything["modality"] == IMAGE).any(dim=1)
     before = int(rows_with_image[:start].sum())

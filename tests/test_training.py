@@ -96,8 +96,10 @@ def test_jsonl_has_the_step_metrics(runs):
     # 4 layers, MoE on every other layer (1 and 3, 1-based), 4 experts, top-2:
     per_layer = record["tokens_per_expert"]
     assert sorted(per_layer) == ["layer_1", "layer_3"]
-    tokens = 32 * 64  # global batch x seq length
-    assert all(sum(counts) == 2 * tokens and len(counts) == 4 for counts in per_layer.values())
+    # every real (non-padding) position of the global batch (32 rows x 64) routed top-2
+    real = round(record["real_token_fraction"] * 32 * 64)
+    assert 0.5 * 32 * 64 < real < 32 * 64  # rows packed greedily, padding at their ends
+    assert all(sum(counts) == 2 * real and len(counts) == 4 for counts in per_layer.values())
 
 
 def test_progress_lines_are_printed(runs):

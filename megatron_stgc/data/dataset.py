@@ -66,13 +66,21 @@ def pack_conversations(conversations: list[Conversation], tokenizer: Tokenizer,
     A conversation longer than a sample is truncated (with a warning that
     counts them), never dropped silently.
     """
+    tokens, loss_mask, _ = pack_conversations_with_lengths(conversations, tokenizer, seq_length)
+    return tokens, loss_mask
+
+
+def pack_conversations_with_lengths(conversations: list[Conversation], tokenizer: Tokenizer,
+                                    seq_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pack_conversations and the ids each row holds before its padding (int64 [N])."""
     width = seq_length + 1
-    rows_tokens, rows_mask = [], []
+    rows_tokens, rows_mask, lengths = [], [], []
     tokens: list[int] = []
     mask: list[int] = []
     truncated = 0
 
     def flush():
+        lengths.append(len(tokens))
         pad = width - len(tokens)
         rows_tokens.append(tokens + [tokenizer.pad_id] * pad)
         rows_mask.append(mask + [0] * pad)
@@ -93,7 +101,8 @@ def pack_conversations(conversations: list[Conversation], tokenizer: Tokenizer,
     if truncated:
         warnings.warn(f"{truncated} of {len(conversations)} conversations are longer than "
                       f"--seq-length {seq_length} + 1 tokens and were truncated")
-    return np.asarray(rows_tokens, dtype=np.int64), np.asarray(rows_mask, dtype=np.int64)
+    return (np.asarray(rows_tokens, dtype=np.int64), np.asarray(rows_mask, dtype=np.int64),
+            np.asarray(lengths, dtype=np.int64))
 
 
 @dataclass
@@ -101,6 +110,7 @@ class PackedDataset:
     tokens: np.ndarray  # [N, seq_length + 1]
     loss_mask: np.ndarray  # [N, seq_length + 1]; 1 on answer tokens and EOS
     seed: int
+    lengths: Optional[np.ndarray] = None  # [N] ids before each row's padding (None: no padding)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -112,16 +122,23 @@ class PackedDataset:
         return int(order[position])
 
     def batch(self, global_indices: list[int]) -> dict[str, torch.Tensor]:
-        """tokens / labels / loss_mask / position_ids, each [b, seq_length]."""
+        """tokens / labels / loss_mask / position_ids / padding_mask, each [b, seq_length].
+
+        padding_mask (bool, True = padding, megatron-core's sense): the positions after a
+        row's last id that has a label (a row of L ids has L - 1 real positions)."""
         rows = [self.sample_index(i) for i in global_indices]
         tokens = torch.from_numpy(self.tokens[rows])
         mask = torch.from_numpy(self.loss_mask[rows])
         seq_length = tokens.shape[1] - 1
+        positions = torch.arange(seq_length).unsqueeze(0).expand(len(rows), -1).contiguous()
+        lengths = (torch.full((len(rows),), seq_length + 1) if self.lengths is None
+                   else torch.from_numpy(self.lengths[rows]))
         return {
             "tokens": tokens[:, :-1].contiguous(),
             "labels": tokens[:, 1:].contiguous(),
             "loss_mask": mask[:, 1:].float().contiguous(),
-            "position_ids": torch.arange(seq_length).unsqueeze(0).expand(len(rows), -1).contiguous(),
+            "position_ids": positions,
+            "padding_mask": positions >= (lengths - 1).unsqueeze(1),
         }
 
 
@@ -171,5 +188,6 @@ def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optiona
         os.makedirs(cache_dir, exist_ok=True)
         tokenizer = get_or_train_tokenizer(tokenizer_texts(conversations), vocab_size,
                                            cache_dir)
-    tokens, loss_mask = pack_conversations(conversations, tokenizer, seq_length)
-    return PackedDataset(tokens, loss_mask, seed), tokenizer
+    tokens, loss_mask, lengths = pack_conversations_with_lengths(conversations, tokenizer,
+                                                                 seq_length)
+    return PackedDataset(tokens, loss_mask, seed, lengths), tokenizer

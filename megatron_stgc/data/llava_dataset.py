@@ -12,9 +12,12 @@ counted by kind in ``bad_samples`` and replaced by the next record of the same
 epoch's permutation: deterministic, so a resumed run makes the same
 replacement, and never silent (``report()``; the trainer logs the counts).
 
-One sample per row (no packing): ``seq_length + 1`` ids padded at the end;
-``modality`` marks padding / text / image positions for per-modality MoE
-routing statistics.
+Rows (data/sequences.py): one sample per row, each micro-batch cut to its longest
+sample (rounded up to ``pad_to_multiple``), or with ``pack`` (--use-packed-sequence) the
+micro-batch's samples packed into as few rows of ``seq_length`` as they fit, with
+``segment_ids`` and restarted ``position_ids``. ``padding_mask`` marks the padding for
+megatron-core's MoE routers; ``modality`` marks padding / text / image positions for
+per-modality MoE routing statistics. Images are in row-major order of their positions.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from megatron_stgc.data.record_checks import (
     resolve_image_path,
     safe_label,
 )
-from megatron_stgc.model.modality import modality_of
+from megatron_stgc.data.sequences import vision_language_batch
 
 
 # Every kind of bad sample the LLaVA loader names: found when the index is built
@@ -80,6 +83,8 @@ class LlavaSFTDataset:
     bad_samples: BadSampleCounter = field(default_factory=BadSampleCounter)
     truncated: int = 0
     chat_template: Optional[_chat_templates.ChatTemplate] = None  # None: the plain template
+    pad_to_multiple: int = 1  # batch widths are multiples of this (sequences.sequence_multiple)
+    pack: bool = False  # --use-packed-sequence: several samples per row
 
     def __post_init__(self):
         self._order = ShardedSampler(num_samples=len(self.index), seed=self.seed, dp_rank=0,
@@ -157,26 +162,17 @@ class LlavaSFTDataset:
     # ------------------------------------------------------------------ batches
 
     def batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        """tokens / labels / loss_mask / position_ids / modality [b, s], images [n_img, 3, H, W]."""
+        """tokens / labels / loss_mask / position_ids / modality / padding_mask [rows, width],
+        images [n_img, 3, H, W]; with ``pack`` also segment_ids [rows, width].
+
+        One row per sample (``rows`` = ``len(positions)``) or, packed, as few as they fit;
+        ``width`` = the fullest row rounded up to ``pad_to_multiple``."""
         resolved, images = self._resolve_with_images(positions)
-        width = self.seq_length + 1
-        ids = np.full((len(resolved), width), self.tokenizer.pad_id, dtype=np.int64)
-        mask = np.zeros((len(resolved), width), dtype=np.int64)
-        for row, sample in enumerate(resolved):
-            ids[row, :len(sample.tokens)] = sample.tokens
-            mask[row, :len(sample.loss_mask)] = sample.loss_mask
-        tokens = torch.from_numpy(ids)
-        lengths = torch.tensor([min(len(r.tokens), self.seq_length) for r in resolved])
-        inputs = tokens[:, :-1].contiguous()
-        return {
-            "tokens": inputs,
-            "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.from_numpy(mask[:, 1:]).float().contiguous(),
-            "position_ids": torch.arange(self.seq_length).unsqueeze(0).expand(
-                len(resolved), -1).contiguous(),
-            "images": images,
-            "modality": modality_of(inputs, self.image_token_id, lengths),
-        }
+        return vision_language_batch(
+            [(r.tokens, r.loss_mask) for r in resolved], images,
+            [r.image_path is not None for r in resolved], seq_length=self.seq_length,
+            multiple=self.pad_to_multiple, pack=self.pack, pad_id=self.tokenizer.pad_id,
+            image_token_id=self.image_token_id)
 
     # ------------------------------------------------------------------ resume
 
@@ -220,7 +216,8 @@ def tokenizer_training_texts(index: LlavaIndex, limit: int = 20000) -> list[str]
 def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: str, seed: int,
                         seq_length: int, num_image_tokens: int, image_loader,
                         tokenizer_model: Optional[str] = None, vocab_size: int = 512,
-                        allow_image_outside_root: bool = False, chat_template: str = "plain"
+                        allow_image_outside_root: bool = False, chat_template: str = "plain",
+                        pad_to_multiple: int = 1, pack: bool = False
                         ) -> tuple[LlavaSFTDataset, object]:
     """The LLaVA data set and its tokenizer (a SentencePiece model trained on the data and
     cached on first use, unless --tokenizer-model is given). The image token id is the
@@ -240,5 +237,6 @@ def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: st
     _chat_templates.check_tokenizer_fits(template, tokenizer, tokenizer_model)
     dataset = LlavaSFTDataset(index, tokenizer, image_loader, seq_length, num_image_tokens,
                               image_token_id=tokenizer.vocab_size, seed=seed,
-                              image_root=image_root, chat_template=template)
+                              image_root=image_root, chat_template=template,
+                              pad_to_multiple=pad_to_multiple, pack=pack)
     return dataset, tokenizer

@@ -66,12 +66,13 @@ class LTDRRouter(TopKRouter):
         rpv = ltdr_math.routing_prob_variance(flat)  # [T]
         totals = self._image_rpv_totals(rpv, is_image)
         tail = ltdr_math.tail_flags(rpv, is_image, totals)  # [T]
+        left_out = ltdr_math.balance_exclusion(is_image, padding_mask)  # image + padding
         if has_image and self.ltdr_config.modality_balance:
-            padding_mask = ltdr_math.balance_exclusion(is_image, padding_mask)
+            padding_mask = left_out
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if has_image and self.ltdr_config.tail_routing:
             probs, routing_map = self._route_tail_wider(flat, probs, routing_map, tail)
-        self._record(flat, is_image, tail, routing_map, totals)
+        self._record(flat, is_image, tail, routing_map, totals, left_out)
         return probs, routing_map
 
     def _image_rows(self, logits: torch.Tensor):
@@ -124,23 +125,24 @@ class LTDRRouter(TopKRouter):
             )
         return probs, routing_map
 
-    def _record(self, flat, is_image, tail, routing_map, totals) -> None:
+    def _record(self, flat, is_image, tail, routing_map, totals, left_out) -> None:
         """Keep this forward's flags for tests and add to the layer's metric sums."""
         self.ltdr_last = LTDRReport(is_image=is_image, tail=tail, routing_map=routing_map.detach(),
                                     threshold=ltdr_math.tail_threshold(totals))
         if not self.training or _inside_backward():
             return
         with torch.no_grad():
-            text_loss, has_text = self._text_balance_loss(flat.detach(), is_image)
+            text_loss, has_text = self._text_balance_loss(flat.detach(), left_out)
             self.ltdr_sums.add(image_tokens=is_image.sum(), tail_tokens=tail.sum(),
                                image_pairs=ltdr_math.routed_pairs_of(routing_map, is_image),
                                text_loss=text_loss, text_forwards=has_text)
 
-    def _text_balance_loss(self, flat: torch.Tensor, is_image: torch.Tensor):
-        """megatron's aux_loss (coefficient 1) over the non-image tokens; (loss, 1 or 0)."""
+    def _text_balance_loss(self, flat: torch.Tensor, left_out: torch.Tensor):
+        """megatron's aux_loss (coefficient 1) over the text tokens (``left_out``: image and
+        padding, [T] bool); (loss, 1 or 0)."""
         aux_map, scores = moe_utils.compute_routing_scores_for_aux_loss(
             flat, self.topk, self.score_function, fused=self.config.moe_router_fusion,
-            padding_mask=is_image)
+            padding_mask=left_out)
         tokens_per_expert, _, total = moe_utils.get_tokens_per_expert_and_token_count(
             aux_map, reduce_group=self.tp_cp_group, topk=self.topk, with_padding_mask=True)
         loss = moe_utils.switch_load_balancing_loss_func(

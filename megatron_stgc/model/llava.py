@@ -17,7 +17,13 @@ Data flow of ``forward``::
         --projector--> [n_img, P', h]
     tokens [b, s] --word embeddings--> [s, b, h]; positions holding image_token_id
         get the n_img * P' image embeddings (row-major over [b, s])
-    --> GPT decoder (MoE layers see the modality mask) --> per-token loss [b, s]
+    --> GPT decoder (MoE layers see the modality mask; megatron-core's padding_mask keeps
+        padding out of its balancing losses) --> per-token loss [b, s]
+
+Packed rows (``segment_ids``, --use-packed-sequence): attention is kept inside each sample by
+a block-diagonal causal mask (local spec) or megatron-core's THD PackedSeqParams over the
+flattened micro-batch (Transformer Engine spec); model/packing.py. The masked scatter stays
+row-major either way, so the data side orders a micro-batch's images by (row, column).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_stgc.config import RunConfig
 from megatron_stgc.ltdr.attached import attach_modality
 from megatron_stgc.model.modality import ModalityContext, modality_of
+from megatron_stgc.model import packing
 
 
 def projector_submodules(use_te: bool) -> MLPSubmodules:
@@ -63,8 +70,10 @@ class MoELLaVAModel(MegatronModule):
 
     def __init__(self, language_model: GPTModel, vision_model: torch.nn.Module,
                  vision_projection: MultimodalProjector, image_token_id: int,
-                 drop_class_token: bool, class_token_len: int):
+                 drop_class_token: bool, class_token_len: int,
+                 packed_attention: str = packing.MASK):
         super().__init__(config=language_model.config)
+        self.packed_attention = packed_attention  # how packed rows keep samples apart
         self.language_model = language_model
         self.vision_model = vision_model
         self.vision_projection = vision_projection
@@ -105,18 +114,36 @@ class MoELLaVAModel(MegatronModule):
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
-                modality: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-token loss [b, s] with ``labels``, else logits [b, s, vocab]."""
+                modality: Optional[torch.Tensor] = None,
+                padding_mask: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token loss [b, s] with ``labels``, else logits [b, s, vocab].
+
+        padding_mask: bool [b, s], True = padding (megatron-core's sense): left out of the
+        MoE balancing losses and of every statistic counted from the routers.
+        segment_ids: int [b, s], the sample of each position in packed rows (-1 = padding);
+        attention then stays inside a sample (``attention_mask`` must be None).
+        """
+        rows = tokens.shape
+        packed_seq_params = None
+        if segment_ids is not None:
+            (tokens, position_ids, labels, modality, padding_mask), attention_mask, \
+                packed_seq_params = packing.packed_inputs(
+                    self.packed_attention, segment_ids, attention_mask,
+                    (tokens, position_ids, labels, modality, padding_mask))
         decoder_input = self.combined_embeddings(tokens, position_ids, images)
         if modality is None and self.ltdr_routers:  # eval / generation: LTDR routes by it
             modality = modality_of(tokens, self.image_token_id, torch.full_like(
                 tokens[:, 0], tokens.shape[1]))
         self.modality.set(modality)
         try:
-            return self.language_model(tokens, position_ids, attention_mask,
-                                       decoder_input=decoder_input, labels=labels)
+            output = self.language_model(tokens, position_ids, attention_mask,
+                                         decoder_input=decoder_input, labels=labels,
+                                         packed_seq_params=packed_seq_params,
+                                         padding_mask=padding_mask)
         finally:
             self.modality.set(None)
+        return output.reshape(*rows, *output.shape[2:]) if packed_seq_params else output
 
 
 def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -140,7 +167,9 @@ def build_llava_model(config: RunConfig, language_model: GPTModel,
         projector_type="mlp", input_size=config.vision.vision_hidden_size)
     dropped = leading_tokens_dropped(config)
     return MoELLaVAModel(language_model, vision_model, projection, image_token_id,
-                         drop_class_token=dropped > 0, class_token_len=dropped)
+                         drop_class_token=dropped > 0, class_token_len=dropped,
+                         packed_attention=packing.packed_attention_kind(
+                             use_transformer_engine(config)))
 
 
 def _require_count(mask: torch.Tensor, expected: int, message: str) -> None:

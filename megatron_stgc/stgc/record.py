@@ -31,7 +31,8 @@ class STGCReport:
     """The last backward's STGC view of one layer, on the tokens' own (router) rank.
 
     cos:          [tokens, experts] fp32 cos(g_n, g_mean) of each routed pair; NaN where
-                  the token was not routed to the expert, was dropped, or had a zero gradient.
+                  the token was not routed to the expert, was dropped, is padding (the
+                  model's padding_mask) or had a zero gradient.
     conflicts:    [tokens, experts] bool, the pairs L_token pushed away (cos < tau).
     routing_map:  [tokens, experts] bool, megatron-core's routing map of that forward.
     """
@@ -51,6 +52,14 @@ class ConflictRecord:
     routing_map: torch.Tensor | None = None  # [T, E] router side
     cos_map: torch.Tensor | None = None  # [T, E] router side, set by the experts' backward
     preset_conflicts: torch.Tensor | None = None  # two-pass: pass 1's conflicts
+    real_rows: torch.Tensor | None = None  # [T, 1] bool, False on padding (None: no mask)
+
+    def judged_map(self) -> torch.Tensor:
+        """[T, E] the pairs STGC may judge: routed, not dropped, not padding. Padding has no
+        gradient once megatron's balancing loss leaves it out; the mask makes it explicit."""
+        if self.real_rows is None:
+            return self.routing_map
+        return self.routing_map & self.real_rows.to(self.routing_map.device)
 
     def release_capture(self) -> None:
         """Drop the expert captures (called once the expert side has read them)."""

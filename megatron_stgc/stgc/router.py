@@ -29,13 +29,15 @@ class STGCRouter(TopKRouter):
 
     stgc: LayerSTGCState | None = None  # set by STGCMoELayer after it builds the router
 
-    def routing(self, logits: torch.Tensor, *args, **kwargs):
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         record = None if self.stgc is None else self.stgc.begin_forward(self.training)
         if record is not None:
             logits = _AddConflictLossGrad.apply(logits, self, record)
-        probs, routing_map = super().routing(logits, *args, **kwargs)
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if record is not None:
             record.routing_map = routing_map.detach()
+            if padding_mask is not None:  # megatron's sense: True = padding
+                record.real_rows = ~padding_mask.reshape(-1, 1).bool()
         return probs, routing_map
 
     # -- backward-time work, called by _AddConflictLossGrad -------------------------
@@ -47,7 +49,8 @@ class STGCRouter(TopKRouter):
                 f"STGC layer {self.layer_number}: the router backward ran before the experts' "
                 "backward delivered the conflict flags"
             )
-        return record.routing_map & conflict_math.conflict_mask(record.cos_map, self.stgc.config.tau)
+        return record.judged_map() & conflict_math.conflict_mask(record.cos_map,
+                                                                 self.stgc.config.tau)
 
     def conflict_logit_grad(self, logits: torch.Tensor, record: ConflictRecord) -> torch.Tensor:
         """beta * dL_token/dz for this rank's tokens, scaled for megatron-core -> [T, E]."""
@@ -73,7 +76,7 @@ class STGCRouter(TopKRouter):
             count = conflicts.any(dim=1).sum()
         else:
             count = conflicts.sum()
-        judged = record.routing_map
+        judged = record.judged_map()
         if record.cos_map is not None:
             judged = judged & ~torch.isnan(record.cos_map)
         probs = torch.softmax(logits.detach().float(), dim=-1)
@@ -97,7 +100,7 @@ class STGCRouter(TopKRouter):
         cos = record.cos_map
         if cos is None:
             cos = torch.full_like(conflicts, float("nan"), dtype=torch.float32)
-        cos = torch.where(record.routing_map, cos, torch.full_like(cos, float("nan")))
+        cos = torch.where(record.judged_map(), cos, torch.full_like(cos, float("nan")))
         self.stgc.last = STGCReport(cos=cos, conflicts=conflicts, routing_map=record.routing_map)
 
 

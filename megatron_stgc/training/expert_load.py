@@ -3,6 +3,9 @@
 With a vision-language model the counts are also split by the modality of the
 routed token (text / image; padding excluded), the paper's Fig. 4 statistic:
 the model's ``ModalityContext`` says which of the router's tokens are which.
+Padding positions are not counted in the totals either: megatron-core still dispatches
+them to experts, but the router's ``padding_mask`` argument (what the model passed to
+GPTModel) marks them, and the hook drops those rows.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_stgc.mcore_compat import router_padding_mask
 from megatron_stgc.model.modality import MODALITY_NAMES
 
 
@@ -30,6 +34,15 @@ def _summed_over_ranks(rows: list[torch.Tensor]) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(stacked)
     return stacked.cpu()
+
+
+def _without_padding(routing_map: torch.Tensor, padding_mask) -> torch.Tensor:
+    """routing_map [tokens, experts] with the padding rows (padding_mask [tokens...], True =
+    padding, megatron's router order) cleared; no host sync."""
+    if padding_mask is None:
+        return routing_map
+    real = ~padding_mask.reshape(-1, 1).to(device=routing_map.device, dtype=torch.bool)
+    return routing_map.reshape(-1, routing_map.shape[-1]) & real
 
 
 def _inside_backward() -> bool:
@@ -55,13 +68,14 @@ class ExpertLoadCounter:
         for module in model.modules():
             if isinstance(module, TopKRouter):
                 layer = module.layer_number
-                self.handles.append(module.register_forward_hook(self._hook(layer)))
+                self.handles.append(module.register_forward_hook(self._hook(layer),
+                                                                 with_kwargs=True))
 
     def _hook(self, layer: int):
-        def count(module, inputs, output):
+        def count(module, args, kwargs, output):
             if _inside_backward():
                 return
-            routing_map = output[1]
+            routing_map = _without_padding(output[1], router_padding_mask(args, kwargs))
             per_expert = routing_map.reshape(-1, routing_map.shape[-1]).sum(dim=0).detach()
             _accumulate(self.counts, layer, per_expert.to(torch.long))
             if self.by_modality and self.modality_context.current is not None:

@@ -1,10 +1,11 @@
 """Per-step logging: a progress line, a JSONL record per step, optional TensorBoard.
 
 Only rank 0 writes. A JSONL record is one JSON object per line with at least
-``iteration``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_second``,
+``iteration``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_second`` (real tokens:
+padding positions are not counted), ``real_token_fraction`` (real / computed positions),
 ``step_time_s``, ``moe/load_balancing_loss`` (for MoE models),
-``tokens_per_expert`` ({"layer_<n>": [...]}) and every value produced by
-the sources in ``training.metrics``.
+``tokens_per_expert`` ({"layer_<n>": [...]}, padding not counted) and every value produced
+by the sources in ``training.metrics``.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ def image_preprocessor(config: RunConfig):
 def build_vision_language_data(config: RunConfig):
     """The LLaVA data set (index, tokenizer, image loader) for --vision-model-type runs."""
     from megatron_stgc.data.llava_dataset import build_llava_dataset
+    from megatron_stgc.data.sequences import sequence_multiple
     from megatron_stgc.model.vision import num_image_tokens
 
     loader = image_preprocessor(config)
@@ -72,7 +73,8 @@ def build_vision_language_data(config: RunConfig):
         num_image_tokens=num_image_tokens(config), image_loader=loader,
         tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
         allow_image_outside_root=config.data.allow_image_outside_root,
-        chat_template=config.data.chat_template)
+        chat_template=config.data.chat_template,
+        pad_to_multiple=sequence_multiple(config), pack=config.data.use_packed_sequence)
 
 
 def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
@@ -127,13 +129,17 @@ def num_microbatches(config: RunConfig) -> int:
     return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
 
 
-def global_lm_loss(result: StepResult) -> float:
-    """Token-weighted mean LM loss over the whole global batch (all DP ranks)."""
-    totals = torch.zeros(2, dtype=torch.float64, device=parallel.collective_device())
+def global_step_totals(result: StepResult) -> dict[str, float]:
+    """Over the whole global batch (all DP ranks, one all-reduce): the token-weighted mean LM
+    loss, the real (non-padding) token positions and all computed positions."""
+    totals = torch.zeros(4, dtype=torch.float64, device=parallel.collective_device())
     for micro_batch in result.losses:
-        totals += micro_batch["lm_loss"].to(totals)
+        totals[:2] += micro_batch["lm_loss"].to(totals)
+        totals[2:] += micro_batch["positions"].to(totals)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return float(totals[0] / totals[1].clamp(min=1))
+    loss_sum, loss_tokens, real, computed = totals.tolist()
+    return {"loss": loss_sum / max(loss_tokens, 1.0), "real_tokens": real,
+            "computed_positions": computed}
 
 
 def moe_aux_losses(config: RunConfig, n_micro: int) -> dict[str, float]:
@@ -147,16 +153,17 @@ def moe_aux_losses(config: RunConfig, n_micro: int) -> dict[str, float]:
 
 def step_record(config: RunConfig, progress: TrainProgress, result: StepResult,
                 step_time: float, n_micro: int, expert_load: ExpertLoadCounter) -> dict[str, Any]:
-    tokens = config.training.global_batch_size * config.model.seq_length
+    totals = global_step_totals(result)
     record: dict[str, Any] = {
         "iteration": progress.iteration,
         "consumed_samples": progress.consumed_samples,
-        "loss": global_lm_loss(result),
+        "loss": totals["loss"],
         "lr": result.lr,
         "grad_norm": result.grad_norm,
         "update_successful": result.update_successful,
         "step_time_s": step_time,
-        "tokens_per_second": tokens / step_time,
+        "tokens_per_second": totals["real_tokens"] / step_time,  # padding not counted
+        "real_token_fraction": totals["real_tokens"] / max(totals["computed_positions"], 1.0),
     }
     record.update(moe_aux_losses(config, n_micro))
     record["tokens_per_expert"] = expert_load.collect()
