@@ -17,7 +17,8 @@ USAGE = """usage: megatron-stgc <command> [flags]
 commands:
   train         train a GPT MoE or MoE-LLaVA model (run under torchrun for >1 process)
   eval          greedy answers for a LLaVA question file from a checkpoint, scored
-  export        a checkpoint -> a --pretrained-checkpoint directory (one process)
+  export        a checkpoint -> a --pretrained-checkpoint directory, or with --format hf /
+                moe-llava a transformers / MoE-LLaVA model, reloaded and checked (one process)
   plot          PNG figures (loss, conflicts, Fig. 3a/3b/4 analogues) from runs' JSONL logs
   print-config  print the resolved configuration as YAML and exit
 
@@ -47,12 +48,12 @@ def _eval(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     import argparse
 
-    from megatron_stgc.training.export import run_export
+    from megatron_stgc.export.run import ExportOptions, add_export_flags, run
 
     parser = argparse.ArgumentParser(prog="megatron-stgc export", add_help=False)
-    parser.add_argument("--output", required=True, help="directory for model.pt")
+    add_export_flags(parser)
     export_args, rest = parser.parse_known_args(argv)
-    run_export(parse_run_config(rest), export_args.output)
+    run(parse_run_config(rest), ExportOptions(**vars(export_args)))
     return 0
 
 
@@ -85,8 +86,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"megatron-stgc: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    if command in ("train", "eval") and rest and rest[0] in ("-h", "--help"):
-        if command == "eval":
+    if command in ("train", "eval", "export") and rest and rest[0] in ("-h", "--help"):
+        if command == "export":
+            import argparse
+
+            from megatron_stgc.export.run import add_export_flags
+
+            parser = argparse.ArgumentParser(prog="megatron-stgc export",
+                                             description="export flags; the model/data flags "
+                                             "are those of train (use the training --config)")
+            add_export_flags(parser)
+            parser.print_help()
+        elif command == "eval":
             import argparse
 
             from megatron_stgc.eval.generate import add_eval_flags
