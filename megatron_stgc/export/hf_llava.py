@@ -38,7 +38,8 @@ import torch
 from megatron_stgc.config import moe_layer_indices
 from megatron_stgc.convert import moe_llava_names
 from megatron_stgc.export.hf_vision import export_vision, select_strategy, vision_config
-from megatron_stgc.export.lm_export import ExportError, LMShape, State, export_dense_lm
+from megatron_stgc.export.lm_export import (ExportError, LMShape, State, export_dense_lm,
+                                            without_router_biases)
 from megatron_stgc.export.target import HfTarget
 
 
@@ -56,7 +57,7 @@ def pre_softmax(config) -> bool:
 def export_qwen2_moe(lm_state: State, config) -> State:
     """Our MoE GPTModel state -> Qwen2MoeForCausalLM's (module docstring)."""
     shape = LMShape.of(config)
-    views = moe_llava_names.split(lm_state, "ours")
+    views = moe_llava_names.split(without_router_biases(lm_state), "ours")
     out: State = {}
     for e in views.experts:
         dense = export_dense_lm(views.view(e), shape, "qwen2")

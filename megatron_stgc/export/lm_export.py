@@ -185,3 +185,19 @@ def export_dense_lm(state: State, shape: LMShape, family: str,
 
 # buffers megatron keeps that are not weights (rotary inverse frequencies are recomputed)
 _IGNORED_BUFFERS = ("rotary_pos_emb.inv_freq",)
+
+
+def without_router_biases(state: State) -> State:
+    """Our state less the routers' biases, which must be zero: megatron-core gives the router
+    a bias with --add-bias-linear (transformer/moe/router.py:56-61, randomly initialised and
+    trained), neither DeepSpeed's gate (MoE-LLaVA) nor transformers' Qwen2-MoE gate has one."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".mlp.router.bias"):
+            if value.abs().max() > 0:
+                raise ExportError(f"{key} is not zero (max |b| {float(value.abs().max()):.3g}): "
+                                  "the router was trained with a bias (--add-bias-linear), "
+                                  "which the exported formats' routers do not have")
+            continue
+        out[key] = value
+    return out

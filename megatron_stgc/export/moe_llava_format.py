@@ -55,7 +55,8 @@ from megatron_stgc.config import moe_layer_indices
 from megatron_stgc.convert import moe_llava_names
 from megatron_stgc.export.hf_llava import part, pre_softmax
 from megatron_stgc.export.hf_vision import export_vision, vision_config
-from megatron_stgc.export.lm_export import ExportError, LMShape, State, export_dense_lm
+from megatron_stgc.export.lm_export import (ExportError, LMShape, State, export_dense_lm,
+                                            without_router_biases)
 from megatron_stgc.export.target import lm_family
 
 FAMILIES = {"stablelm": ("llava_stablelm", "moe_llava_stablelm", "LlavaStablelmForCausalLM",
@@ -147,7 +148,7 @@ def moe_llava_config(config, family: str, rows: int, tokenizer, tower_name: str)
 def moe_llava_state(state: State, config, family: str) -> State:
     """Our model's state -> MoE-LLaVA's names (module docstring)."""
     shape = LMShape.of(config)
-    lm = part(state, "language_model")
+    lm = without_router_biases(part(state, "language_model"))
 
     def export_dense(view: State) -> State:
         return export_dense_lm(view, shape, family)
