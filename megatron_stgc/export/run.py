@@ -108,15 +108,16 @@ def write_and_check_hf(staging: str, state: dict, config: RunConfig, target, loa
     say(f"export: {hf_llava.architecture(target)} ({target.family}"
         f"{', MoE' if target.moe else ''}): {len(weights)} tensors in {', '.join(files)}")
     _generation_config(loaded.tokenizer, rows).save_pretrained(staging)
+    from megatron_stgc.export.chat_template import jinja_template, template_name
+
     tok = transformers_tokenizer(loaded.tokenizer, loaded.image_token_id)
+    # on the tokenizer too: lmms-eval's llava_hf applies the tokenizer's template
+    tok.chat_template = jinja_template(template_name(config), tok.eos_token)
     if target.vision:
         from megatron_stgc.export.processor import llava_processor
 
         llava_processor(config, tok).save_pretrained(staging)
     else:
-        from megatron_stgc.export.chat_template import jinja_template, template_name
-
-        tok.chat_template = jinja_template(template_name(config), tok.eos_token)
         tok.save_pretrained(staging)
     tokens, pixels = verify.fixed_input(config, loaded.image_token_id, loaded.tokenizer.vocab_size)
     ours = verify.our_logits(loaded.model, tokens, pixels)
