@@ -80,3 +80,16 @@ def jinja_template(name: str, eos_token: str) -> str:
 def template_name(config) -> str:
     """--chat-template of the run (``plain`` before that option existed)."""
     return getattr(config.data, "chat_template", "plain")
+
+
+def stop_strings(name: str) -> tuple[str, ...]:
+    """Text that ends an answer besides EOS, as this build's ``megatron-stgc eval`` cuts it
+    (--chat-template's ``stop_strings``, data/chat_templates.py; () for an eval without stop
+    strings). Written to export_info.json; ``hf_generate`` cuts its answers there too."""
+    try:
+        from megatron_stgc.eval import stop  # noqa: F401  (an eval with stop strings)
+    except ImportError:
+        return ()
+    from megatron_stgc.data.chat_templates import get_template
+
+    return tuple(get_template(name).stop_strings)

@@ -4,8 +4,10 @@
 chat template and tokenizer give the prompt ids (``<image>`` expanded), transformers'
 ``generate`` (greedy, the export's generation_config: EOS, ids past the tokenizer suppressed)
 answers, and the new tokens are decoded without special tokens and stripped, as
-``megatron-stgc eval`` does. Questions are batched by prompt length (no padding, so every
-row's positions are 0..n-1 as in our eval).
+``megatron-stgc eval`` does, and cut before the first of the stop strings our eval cuts at
+(export_info.json ``stop_strings``; greedy text before a stop string does not depend on when
+generation stopped). Questions are batched by prompt length (no padding, so every row's
+positions are 0..n-1 as in our eval).
 
 ``pixels``: ``"processor"`` takes the saved image processor (what lmms-eval and other
 transformers users get); ``"ours"`` takes our own preprocessing (data/images.py, the
@@ -27,6 +29,21 @@ def _prompt_text(processor, question: dict) -> str:
         content.insert(0, {"type": "image"})
     return processor.apply_chat_template([{"role": "user", "content": content}],
                                          add_generation_prompt=True, tokenize=False)
+
+
+def _stop_strings(directory: str) -> tuple[str, ...]:
+    import json
+
+    path = os.path.join(directory, "export_info.json")
+    if not os.path.isfile(path):
+        return ()
+    with open(path) as f:
+        return tuple(json.load(f).get("stop_strings", ()))
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[:min(cuts)] if cuts else text).strip()
 
 
 def _our_preprocessor(directory: str, image_loader: str):
@@ -54,6 +71,7 @@ def hf_answers(directory: str, questions: list[dict], image_root: Optional[str],
     model = transformers.AutoModelForImageTextToText.from_pretrained(
         directory, dtype=torch.float32).eval()
     ours = _our_preprocessor(directory, image_loader) if pixels == "ours" else None
+    stops = _stop_strings(directory)
     prompts = []
     for question in questions:
         text = _prompt_text(processor, question)
@@ -85,8 +103,8 @@ def hf_answers(directory: str, questions: list[dict], image_root: Optional[str],
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                     max_new_tokens=max_new_tokens, **extras)
             for row, index in enumerate(chunk):
-                answers[index] = processor.tokenizer.decode(
-                    output[row, ids.shape[1]:], skip_special_tokens=True).strip()
+                answers[index] = _cut(processor.tokenizer.decode(
+                    output[row, ids.shape[1]:], skip_special_tokens=True), stops)
             done += len(chunk)
         say(f"hf generate: {done}/{len(questions)} questions")
     return answers

@@ -84,7 +84,7 @@ def run(config: RunConfig, options: ExportOptions, say: Callable[[str], None] = 
                 from megatron_stgc.export.moe_llava_format import write_and_check_moe_llava
 
                 checks = write_and_check_moe_llava(staging, state, config, loaded, options, say)
-            _write_info(staging, options, loaded.source, warnings, checks)
+            _write_info(staging, options, loaded.source, warnings, checks, config)
         say(f"export: wrote {options.output} ({options.format})")
         return options.output
 
@@ -140,11 +140,15 @@ def _generation_config(tokenizer, rows: int):
 
 
 def _write_info(staging: str, options: ExportOptions, source: str, warnings: list[str],
-                checks: dict) -> None:
+                checks: dict, config: RunConfig) -> None:
     import megatron_stgc
+
+    from megatron_stgc.export.chat_template import stop_strings, template_name
 
     info = {"format": options.format, "source": source, "warnings": warnings,
             "checks": checks, "tolerance": options.export_tolerance,
+            "chat_template": template_name(config),
+            "stop_strings": list(stop_strings(template_name(config))),
             "torch": torch.__version__, "package": getattr(megatron_stgc, "__version__", None)}
     with open(os.path.join(staging, "export_info.json"), "w") as f:
         json.dump(info, f, indent=2)
