@@ -232,3 +232,45 @@ def test_routing_a_target_cannot_express_is_named(trained):
     assert any("--ltdr" in w and "top-k" in w for w in warnings)
     assert any("--moe-expert-capacity-factor 1.5" in w and "dropless" in w for w in warnings)
     assert not config.ltdr.enabled and config.model.moe_expert_capacity_factor is None
+
+
+def test_a_text_model_exports_as_a_qwen2_moe_causal_lm(tmp_path):
+    """A text-only MoE GPT (RMSNorm, SwiGLU, untied head, moe-ffn != ffn), 3 steps at EP=2:
+    --format hf writes Qwen2MoeForCausalLM alone; its logits equal ours (the export's check
+    and, independently, the reloaded model against the --format pretrained export)."""
+    import transformers
+
+    from launch_utils import TINY_FLAGS
+    from megatron_stgc.training.setup import build_model
+    from stgc_utils import init_single_process
+
+    run = str(tmp_path / "run")
+    flags = TINY_FLAGS + ["--normalization", "RMSNorm", "--swiglu",
+                          "--untie-embeddings-and-output-weights", "--save", run, "--load", run,
+                          "--log-file", f"{run}/log.jsonl", "--train-iters", "3",
+                          "--save-interval", "3", "--cache-dir", str(tmp_path / "cache")]
+    run_job(torchrun("train", flags), str(tmp_path / "train.out"), timeout=600)
+    out = run_job(torchrun("export", ["--format", "hf", "--output", str(tmp_path / "hf")] + flags,
+                           1), str(tmp_path / "export.out"), timeout=600)
+    assert "export check: transformers Qwen2MoeForCausalLM: max abs logit difference" in out
+    run_job(torchrun("export", ["--output", str(tmp_path / "pt")] + flags, 1),
+            str(tmp_path / "export_pt.out"), timeout=600)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"),
+                                                           dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM" and not hf.config.tie_word_embeddings
+    assert hf.config.mlp_only_layers == [1] and hf.config.moe_intermediate_size == 32
+
+    init_single_process()
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(1234)
+    config = parse_run_config(flags + ["--pretrained-checkpoint", str(tmp_path / "pt")])
+    config.parallel.expert_model_parallel_size = 1
+    state = torch.load(tmp_path / "pt" / "model.pt")["model"]
+    rows = state["language_model.embedding.word_embeddings.weight"].shape[0]
+    model, _ = build_model(config, rows)
+    tokens = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.eval()(tokens, torch.arange(20).expand(2, -1), None)
+        theirs = hf(input_ids=tokens).logits
+    assert (ours - theirs).abs().max().item() <= TOL
