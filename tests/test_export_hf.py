@@ -111,8 +111,6 @@ def test_config_places_experts_like_megatron(trained):
 def test_transformers_logits_equal_ours(trained):
     import transformers
 
-    from megatron_stgc.export.hf_llava import part  # noqa: F401  (import check)
-
     model, config, image_id, rows = our_model_from(trained)
     hf = transformers.AutoModelForImageTextToText.from_pretrained(trained["hf"],
                                                                   dtype=torch.float32).eval()

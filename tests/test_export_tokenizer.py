@@ -18,7 +18,6 @@ import torch
 
 from megatron_stgc.convert import fuse_qkv
 from megatron_stgc.data.digits import build_digits_mix
-from megatron_stgc.data.llava_index import LlavaIndex  # noqa: F401  (the data set's reader)
 from megatron_stgc.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_stgc.export.lm_export import ExportError, unfuse_qkv
 from megatron_stgc.export.spm_hf import spm_to_tokenizers, transformers_tokenizer

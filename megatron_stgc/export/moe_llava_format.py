@@ -49,8 +49,6 @@ import os
 import shutil
 from typing import Callable
 
-import torch
-
 from megatron_stgc.config import moe_layer_indices
 from megatron_stgc.convert import moe_llava_names
 from megatron_stgc.export.hf_llava import part, pre_softmax
