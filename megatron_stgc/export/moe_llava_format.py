@@ -122,7 +122,8 @@ def _moe_section(config) -> dict:
             "train_modules": []}
 
 
-def moe_llava_config(config, family: str, rows: int, tokenizer, tower_name: str) -> dict:
+def moe_llava_config(config, family: str, rows: int, tokenizer, tower_name: str,
+                     dtype: str = "float32") -> dict:
     from megatron_stgc.model.vision import leading_tokens_dropped
 
     dense_type, moe_type, dense_arch, moe_arch = FAMILIES[family]
@@ -137,7 +138,7 @@ def moe_llava_config(config, family: str, rows: int, tokenizer, tower_name: str)
            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
            "image_aspect_ratio": getattr(config.data, "image_aspect_ratio", "resize"),
            "tokenizer_model_max_length": config.model.seq_length,
-           "torch_dtype": "float32"}
+           "torch_dtype": dtype}
     if moe:
         out["moe"] = _moe_section(config)
     return out
@@ -197,8 +198,10 @@ def write_and_check_moe_llava(staging: str, state: State, config, loaded, option
     rows = state["language_model.embedding.word_embeddings.weight"].shape[0]
     weights = moe_llava_state(state, config, family)
     with open(os.path.join(staging, "config.json"), "w") as f:
+        dtype = str(state["language_model.embedding.word_embeddings.weight"].dtype)
         json.dump(moe_llava_config(config, family, rows, loaded.tokenizer,
-                                   options.moe_llava_image_tower), f, indent=2)
+                                   options.moe_llava_image_tower, dtype.replace("torch.", "")),
+                  f, indent=2)
     files = save_safetensors(weights, staging)
     _write_tower(os.path.join(staging, "image_tower"), state, config)
     _write_tokenizer(staging, config, loaded.tokenizer)
