@@ -51,7 +51,7 @@ def digits(tmp_path_factory):
     return {"mix": build_digits_mix(str(root / "data")), "cache": str(root / "cache")}
 
 
-def phi_moe_llava_config(hf_llava, moe: dict) -> dict:
+def phi_moe_llava_config(hf_llava, moe: dict | None) -> dict:
     """config.json of MoE-LLaVA's Phi (its vendored PhiConfig keys + the LLaVA keys)."""
     text = hf_llava.config.text_config.to_dict()
     keys = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -61,18 +61,22 @@ def phi_moe_llava_config(hf_llava, moe: dict) -> dict:
     rope = text.get("rope_parameters") or {}
     stablelm = moe_llava_config(hf_llava, "clip", moe)
     llava_keys = {k: v for k, v in stablelm.items() if k.startswith(("mm_", "image_"))}
-    return {"model_type": "moe_llava_phi", "architectures": ["MoELLaVAPhiForCausalLM"], **keys,
-            "rope_theta": rope.get("rope_theta", 10000.0),
-            "partial_rotary_factor": rope.get("partial_rotary_factor", 0.5),
-            **llava_keys, "moe": moe}
+    config = {"model_type": "moe_llava_phi" if moe else "llava_phi",
+              "architectures": ["MoELLaVAPhiForCausalLM" if moe else "LlavaPhiForCausalLM"],
+              **keys, "rope_theta": rope.get("rope_theta", 10000.0),
+              "partial_rotary_factor": rope.get("partial_rotary_factor", 0.5), **llava_keys}
+    if moe:
+        config["moe"] = moe
+    return config
 
 
-def _import(tmp_path, family: str):
-    """(reference MoE model, its MoE-LLaVA state, our pretrained dir, first-import flags)."""
+def _import(tmp_path, family: str, moe_layers: list[int] | None = MOE_LAYERS):
+    """(reference model (MoE unless ``moe_layers`` is None), its MoE-LLaVA state, our
+    pretrained dir, first-import flags)."""
     hf = tiny_llava("clip", layers=3, family=family)
-    reference = make_moe(hf, MOE_LAYERS, top_k=2, distinct=True)
+    reference = make_moe(hf, moe_layers, top_k=2, distinct=True) if moe_layers else hf
     state = moe_llava_state(reference)
-    moe = moe_section(MOE_LAYERS)
+    moe = moe_section(moe_layers) if moe_layers else None
     config = (moe_llava_config(reference, "clip", moe) if family == "stablelm"
               else phi_moe_llava_config(reference, moe))
     write_sharded(str(tmp_path / "moe_llava"), state, config)
@@ -83,13 +87,13 @@ def _import(tmp_path, family: str):
     return reference, state, str(tmp_path / "ours"), flags
 
 
-def _export(pretrained: str, output: str, digits, *extra: str):
+def _export(pretrained: str, output: str, digits, *extra: str, fmt: str = "moe-llava"):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
     mix = digits["mix"]
-    command = [sys.executable, "-m", "megatron_stgc", "export", "--format", "moe-llava",
+    command = [sys.executable, "-m", "megatron_stgc", "export", "--format", fmt,
                "--output", output, "--config", os.path.join(pretrained, "args.yaml"),
                "--pretrained-checkpoint", pretrained, "--data-path", mix["train"],
                "--image-root", mix["image_root"], "--cache-dir", digits["cache"],
@@ -156,3 +160,31 @@ def test_moe_llava_export_needs_the_tower_name(tmp_path, digits):
     assert not (tmp_path / "out").exists()
     # an args.yaml-driven run keeps the importer's flags (sanity of the fixture)
     assert yaml.safe_load(open(os.path.join(pretrained, "args.yaml")))["num_experts"] == 4
+
+
+@pytest.mark.parametrize("family", ["stablelm", "phi"])
+def test_dense_stablelm_and_phi_export_to_transformers_llava(tmp_path, digits, family):
+    """A dense StableLM-2 / Phi-2 LLaVA (imported from MoE-LLaVA's layout) exports with
+    --format hf as transformers' LLaVA with StableLmForCausalLM / PhiForCausalLM, whose logits
+    equal the ORIGINAL transformers model's (two transformers models compared)."""
+    import transformers
+
+    from llava_fixtures import HF_IMAGE_ID
+
+    reference, _, pretrained, _ = _import(tmp_path, family, moe_layers=None)
+    output = tmp_path / "hf"
+    result = _export(pretrained, str(output), digits, fmt="hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported, loading = transformers.AutoModelForImageTextToText.from_pretrained(
+        str(output), dtype=torch.float32, output_loading_info=True)
+    exported.eval()
+    assert not any(loading.get(kind) for kind in ("missing_keys", "unexpected_keys",
+                                                  "mismatched_keys")), loading
+    assert exported.config.text_config.model_type == family
+    ids, _, pixels = sample_inputs("clip")
+    exported_ids = ids.masked_fill(ids == HF_IMAGE_ID, exported.config.image_token_index)
+    with torch.no_grad():
+        got = exported(input_ids=exported_ids, pixel_values=pixels).logits[..., :HF_VOCAB]
+    diff = (got - hf_logits(reference, ids, pixels)).abs().max().item()
+    print(f"dense {family} LLaVA -> --format hf: diff {diff:.2e}")
+    assert diff <= TOL

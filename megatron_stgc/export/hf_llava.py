@@ -90,7 +90,8 @@ def language_state(lm_state: State, config, target: HfTarget) -> State:
     if target.moe:
         return export_qwen2_moe(lm_state, config)
     state = export_dense_lm(lm_state, LMShape.of(config), target.family)
-    if target.family == "phi" and "lm_head.bias" not in state:  # PhiForCausalLM's head is biased
+    if target.family == "phi" and not target.vision and "lm_head.bias" not in state:
+        # PhiForCausalLM's own head is biased (inside LLaVA the head is LLaVA's, unbiased)
         rows = state["model.embed_tokens.weight"].shape[0]
         state["lm_head.bias"] = torch.zeros(rows, dtype=state["model.embed_tokens.weight"].dtype)
     return state
