@@ -18,7 +18,8 @@ commands:
   train         train a GPT MoE or MoE-LLaVA model (run under torchrun for >1 process)
   eval          greedy answers to a benchmark (--benchmark NAME) from a checkpoint, scored
   score         score a benchmark's answers file (no model; docs/EVAL.md)
-  export        a checkpoint -> a --pretrained-checkpoint directory (one process)
+  export        a checkpoint -> a --pretrained-checkpoint directory, or with --format hf /
+                moe-llava a transformers / MoE-LLaVA model, reloaded and checked (one process)
   plot          PNG figures (loss, conflicts, Fig. 3a/3b/4 analogues) from runs' JSONL logs
   study         a seed-paired study from a grid file, locally or as SLURM jobs (docs/STUDY.md)
   print-config  print the resolved configuration as YAML and exit
@@ -63,12 +64,12 @@ def _score(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     import argparse
 
-    from megatron_stgc.training.export import run_export
+    from megatron_stgc.export.run import ExportOptions, add_export_flags, run
 
     parser = argparse.ArgumentParser(prog="megatron-stgc export", add_help=False)
-    parser.add_argument("--output", required=True, help="directory for model.pt")
+    add_export_flags(parser)
     export_args, rest = parser.parse_known_args(argv)
-    run_export(parse_run_config(rest), export_args.output)
+    run(parse_run_config(rest), ExportOptions(**vars(export_args)))
     return 0
 
 
@@ -107,8 +108,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"megatron-stgc: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    if command in ("train", "eval") and rest and rest[0] in ("-h", "--help"):
-        if command == "eval":
+    if command in ("train", "eval", "export") and rest and rest[0] in ("-h", "--help"):
+        if command == "export":
+            import argparse
+
+            from megatron_stgc.export.run import add_export_flags
+
+            parser = argparse.ArgumentParser(prog="megatron-stgc export",
+                                             description="export flags; the model/data flags "
+                                             "are those of train (use the training --config)")
+            add_export_flags(parser)
+            parser.print_help()
+        elif command == "eval":
             import argparse
 
             from megatron_stgc.eval.options import add_eval_flags

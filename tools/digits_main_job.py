@@ -16,7 +16,12 @@ The MoE-LLaVA recipe at toy scale, on the model of examples/tiny_llava_digits.ya
    With ``--with-ltdr`` also **LTDR** (``--ltdr``, conflicts measured at beta 0) and
    **STGC + LTDR** (``--stgc --ltdr``), two more runs from the same start (docs/LTDR.md);
 5. ``megatron-stgc eval`` on the validation questions for every model;
-6. prints a side-by-side table (accuracy per question type, final loss, conflict fraction,
+6. ``megatron-stgc export --format hf`` of the STGC model (``--hf-export-run``): transformers'
+   LLaVA with a Qwen2-MoE language model, reloaded and checked by the export itself; then
+   transformers' ``generate`` answers every validation question and the answers are compared
+   with eval's, once with our image preprocessing (the model alone: all must agree) and once
+   with the exported image processor (what transformers users get; docs/EXPORT.md);
+7. prints a side-by-side table (accuracy per question type, final loss, conflict fraction,
    tokens per expert per modality, seeds) and writes OUTPUT/comparison.txt and .json.
 
     python tools/digits_main_job.py --output runs/digits
@@ -186,6 +191,39 @@ def stage3_flags(common: list[str], pretrained: str, iters: int, run_dir: str,
                                                      "--train-iters", str(iters)] + flags)
 
 
+def hf_export_check(run_dir: str, run_flags: list[str], data_dir: str) -> dict[str, object]:
+    """Export ``run_dir``'s model with --format hf (anew each call) and compare transformers'
+    greedy answers with eval's answers.jsonl; rows for the table."""
+    import shutil
+
+    from megatron_stgc.export.hf_generate import hf_answers
+
+    hf_dir = os.path.join(run_dir, "hf")
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    torchrun(1, ["export", "--format", "hf", "--output", hf_dir] + run_flags,
+             os.path.join(run_dir, "export_hf.out"))
+    with open(os.path.join(data_dir, "val_questions.jsonl")) as f:
+        questions = [json.loads(line) for line in f if line.strip()]
+    ours = {r["question_id"]: r["text"] for r in read_log(os.path.join(run_dir, "answers.jsonl"))}
+    rows: dict[str, object] = {}
+    for pixels, label in (("ours", "our preprocessing"), ("processor", "its image processor")):
+        answers = hf_answers(hf_dir, questions, data_dir, 12, pixels=pixels,
+                             say=lambda message: print("  " + message, flush=True))
+        differ = [(q["question_id"], a, ours[q["question_id"]])
+                  for q, a in zip(questions, answers) if a != ours[q["question_id"]]]
+        with open(os.path.join(run_dir, f"hf_answers_{pixels}.jsonl"), "w") as f:
+            for q, a in zip(questions, answers):
+                f.write(json.dumps({"question_id": q["question_id"], "text": a}) + "\n")
+        rows[f"HF export generate == eval ({label})"] = \
+            f"{len(questions) - len(differ)}/{len(questions)}"
+        for qid, theirs, mine in differ[:5]:
+            print(f"  HF ({label}) differs on {qid}: {theirs!r} vs eval {mine!r}", flush=True)
+    with open(os.path.join(hf_dir, "export_info.json")) as f:
+        check = json.load(f)["checks"]["max_abs_logit_difference"]
+    rows["HF export max abs logit difference"] = f"{check:.2g}"
+    return rows
+
+
 def write_plots(run_dirs: list[str], out_dir: str) -> list[str]:
     """The analysis figures of these runs (megatron-stgc plot); [] when matplotlib is missing."""
     try:
@@ -210,6 +248,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dense-iters", type=int, default=400, help="stage II steps")
     parser.add_argument("--stage3-iters", type=int, default=300, help="stage III steps")
     parser.add_argument("--runs", default="baseline,stgc")
+    parser.add_argument("--hf-export-run", default="stgc",
+                        help="the stage III run exported with --format hf and answered with "
+                             "transformers' generate (compared with eval); 'none' skips it")
     parser.add_argument("--with-ltdr", action="store_true",
                         help=f"also run {LTDR_RUNS} (LTDR, STGC + LTDR; two more stage III runs)")
     args, extra = parser.parse_known_args(argv)
@@ -234,6 +275,8 @@ def main(argv=None) -> int:
         seconds = torchrun(args.nproc, ["train"] + run_flags, os.path.join(run_dir, "train.out"))
         results = evaluate(args.nproc, name, run_dir, run_flags, data_dir)
         table[f"{name} (stage III)"] = summarise(run_dir, results, seconds)
+        if name == args.hf_export_run:
+            table[f"{name} (stage III)"].update(hf_export_check(run_dir, run_flags, data_dir))
         run_dirs.append(run_dir)
 
     labels = list(dict.fromkeys(label for row in table.values() for label in row))

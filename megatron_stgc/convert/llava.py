@@ -219,12 +219,25 @@ def convert_language(parts: LlavaParts, ckpt: CheckpointDir, padded_vocab_size: 
         flags.update(moe_llava_config.moe_flags(ckpt.config, hf_config.num_hidden_layers, WHAT))
         _check_moe_names(hf_state, layers, flags["num_experts"], parts, ckpt)
         state = moe_llava_names.to_ours(hf_state, convert_view)
+        if flags.get("add_bias_linear"):
+            state.update(zero_router_biases(state, layers))
         log(f"  MoE: {flags['num_experts']} experts, top-{flags['moe_router_topk']}, layers "
             f"{layers}; {moe_llava_config.training_notes(ckpt.config)}")
     else:
         _check_no_moe_names(hf_state, parts, ckpt)
         state = convert_view(hf_state)
     return state, flags, rows
+
+
+def zero_router_biases(state: dict, layers: list[int]) -> dict:
+    """megatron-core's TopKRouter has a bias when --add-bias-linear is set (Phi-2;
+    transformer/moe/router.py:56-61); DeepSpeed's gate ``wg`` has none (sharded_moe.py:376):
+    a zero bias computes MoE-LLaVA's router."""
+    out = {}
+    for i in layers:
+        weight = state[f"decoder.layers.{i}.mlp.router.weight"]  # [E, h]
+        out[f"decoder.layers.{i}.mlp.router.bias"] = weight.new_zeros(weight.shape[0])
+    return out
 
 
 class _ReadRecorder(dict):
