@@ -32,7 +32,9 @@ from megatron_stgc.model.modality import IMAGE, PAD, TEXT, ModalityContext
 from megatron_stgc.stgc.spec import stgc_moe_spec
 from megatron_stgc.stgc.two_pass import two_pass_forward_backward
 from megatron_stgc.training.expert_load import MODALITY_CODES, ExpertLoadCounter
-from stgc_utils import STGCConfig, build_stgc_layer, init_single_process, moe_config
+from megatron_stgc.stgc.router import TRACKER_NAME
+from stgc_utils import (STGCConfig, build_stgc_layer, forget_tracked_moe_metric,
+                        init_single_process, moe_config)
 
 SEQ, BATCH, HIDDEN = 32, 2, 16  # per rank
 
@@ -196,7 +198,13 @@ def test_the_stand_in_sees_each_kind_of_transfer():
     assert stand_in.ours() == [] and stand_in.device_to_host == 1
 
 
-def test_the_stand_in_computes_what_the_cpu_computes():
+@pytest.fixture
+def forget_stand_in_metrics():
+    yield
+    forget_tracked_moe_metric(TRACKER_NAME)  # later tests of this process record on the CPU
+
+
+def test_the_stand_in_computes_what_the_cpu_computes(forget_stand_in_metrics):
     """Same weights, same batch: the stand-in layer's cosines are the plain CPU layer's."""
     init_single_process()
     warnings.filterwarnings("ignore")
@@ -211,6 +219,8 @@ def test_the_stand_in_computes_what_the_cpu_computes():
         out, _ = layer(stand_in.to_device(hidden))
         (out * stand_in.to_device(weights)).sum().backward()
         cos = layer.stgc.last.cos.inner
+    # megatron's process-global MoE tracker keeps its buffer on the stand-in: forget it
+    forget_tracked_moe_metric(TRACKER_NAME)
     out, _ = plain(hidden)
     (out * weights).sum().backward()
     expected = plain.stgc.last.cos
