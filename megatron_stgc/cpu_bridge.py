@@ -71,8 +71,24 @@ def installed_patches() -> list[str]:
     return list(_INSTALLED)
 
 
+_CURRENT_DEVICE = ["cpu"]  # what the bridged torch.cuda.current_device() returns
+
+
 def _patch_current_device() -> None:
-    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_device = lambda: _CURRENT_DEVICE[-1]
+
+
+@contextlib.contextmanager
+def current_device_is(device):
+    """Inside: the bridged ``torch.cuda.current_device()`` returns ``device`` (the device
+    stand-in of analysis/host_copies.py, so megatron-core allocates there as on a GPU)."""
+    if "current_device" not in _INSTALLED:
+        raise RuntimeError("current_device_is needs the CPU bridge's current_device patch")
+    _CURRENT_DEVICE.append(device)
+    try:
+        yield
+    finally:
+        _CURRENT_DEVICE.pop()
 
 
 def _patch_rng_state() -> None:

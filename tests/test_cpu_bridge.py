@@ -86,3 +86,14 @@ def test_check_fails_without_its_patch(patch, outcomes):
 def test_unknown_patch_name_is_rejected():
     with pytest.raises(ValueError, match="unknown CPU bridge patches"):
         cpu_bridge.install(exclude=("no_such_patch",))
+
+
+def test_current_device_can_name_a_stand_in_for_a_while():
+    """analysis/host_copies.py's device stand-in: megatron allocates there while inside."""
+    cpu_bridge.install()
+    with cpu_bridge.current_device_is("meta"):
+        import torch
+
+        assert torch.cuda.current_device() == "meta"
+        assert torch.empty(2, device=torch.cuda.current_device()).is_meta
+    assert torch.cuda.current_device() == "cpu"

@@ -147,3 +147,74 @@ def test_setups_stgc_cannot_follow_fail_when_the_layer_is_built(setting, value, 
     setattr(config, setting, value)  # what TransformerConfig would carry (flex needs TE/DeepEP)
     with pytest.raises(ValueError, match=message):
         check_supported(config)
+
+
+# -- FP8: the mean gradient G comes from the same captures as the per-token gradients ------
+
+def test_weight_grads_are_reused_only_where_they_match_the_captures():
+    from types import SimpleNamespace
+
+    from megatron_stgc.stgc.capture import weight_grads_match_captures
+
+    def config(fusion=False, fp8=None, **extra):
+        return SimpleNamespace(gradient_accumulation_fusion=fusion, fp8=fp8, **extra)
+
+    assert weight_grads_match_captures(config())
+    assert not weight_grads_match_captures(config(fusion=True))
+    assert not weight_grads_match_captures(config(fp8="hybrid"))
+    assert not weight_grads_match_captures(config(fp8="e4m3"))
+    assert not weight_grads_match_captures(config(fp4="nvfp4"))
+    assert weight_grads_match_captures(SimpleNamespace(gradient_accumulation_fusion=False))
+
+
+def _fp8_rounded(grad):
+    """dW as an FP8 GEMM leaves it: e4m3 with a per-tensor scale (the emulated error)."""
+    scale = grad.abs().amax().clamp(min=1e-30) / 448.0
+    return (grad / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+class _ExpertsWithFp8WeightGrads(SequentialMLP):
+    """SequentialMLP whose linears hand autograd an FP8-rounded weight gradient, as
+    Transformer Engine's linears do under FP8 (dW from quantized inputs and output grads);
+    the hooks are registered before STGC's, so STGC sees what TE would give it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for mlp in self.local_experts:
+            for linear in (mlp.linear_fc1, mlp.linear_fc2):
+                linear.weight.register_hook(_fp8_rounded)
+
+
+def _biased_layer(config, experts_class=SequentialMLP):
+    from megatron_stgc.model.expert_bias import install_expert_bias_fix
+
+    spec = _with_experts_class(get_moe_module_spec(use_te=False, num_experts=4), experts_class)
+    layer = build_moe_layer(stgc_moe_spec(spec, STGCConfig(enabled=True)), config)
+    install_expert_bias_fix(layer)
+    return layer.train()
+
+
+def test_fp8_biased_experts_take_the_mean_gradient_from_the_captures():
+    """With FP8 on, STGC's cosines do not see TE's FP8 weight gradient (emulated): they equal
+    those of exact weight gradients. Reusing it (FP8 off, same emulated error) changes them."""
+    init_single_process()
+    config = moe_config(gated_linear_unit=True, add_bias_linear=True)
+    exact = build_stgc_layer(config, STGCConfig(enabled=True))
+    hidden, weights = _batch(3)
+    out, _ = exact(hidden)
+    (out * weights).sum().backward()
+    reference = exact.stgc.last.cos
+    judged = ~torch.isnan(reference)
+    errors = {}
+    for fp8 in ("hybrid", None):
+        quantized_config = dataclasses.replace(config)
+        quantized_config.fp8 = fp8
+        layer = _biased_layer(quantized_config, _ExpertsWithFp8WeightGrads)
+        layer.load_state_dict(exact.state_dict())
+        out, _ = layer(hidden)
+        (out * weights).sum().backward()
+        cos = layer.stgc.last.cos
+        assert torch.equal(torch.isnan(cos), ~judged)
+        errors[fp8] = float((cos[judged] - reference[judged]).abs().max())
+    assert errors["hybrid"] < 1e-5, errors  # G from the captures
+    assert errors[None] > 1e-4, errors  # the emulated FP8 dW reused as G: the test can fail

@@ -50,9 +50,10 @@ def test_lowrank_estimator_is_exact_at_full_rank_and_close_at_low_rank():
     lin = _random_linears(gen, bias=(False, False))[0]
     g_w = conflict_math.weight_grad_sum(lin)
     exact = conflict_math.token_grad_dots(lin, g_w, None)
-    full = conflict_math.lowrank_basis(g_w, rank=10, generator=torch.Generator().manual_seed(0))
+    probe = conflict_math.draw_probe(g_w.shape[1], 10, torch.Generator().manual_seed(0))
+    full = conflict_math.lowrank_basis(g_w, probe)  # rank min(10, out) = full
     assert torch.allclose(conflict_math.token_grad_dots_lowrank(lin, g_w, None, full), exact, atol=1e-4)
-    low = conflict_math.lowrank_basis(g_w, rank=2, generator=torch.Generator().manual_seed(0))
+    low = conflict_math.lowrank_basis(g_w, probe[:, :2])
     approx = conflict_math.token_grad_dots_lowrank(lin, g_w, None, low)
     assert not torch.allclose(approx, exact, atol=1e-4)  # rank 2 of 6 is an approximation
     assert torch.corrcoef(torch.stack([approx, exact]))[0, 1] > 0.5

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU acceptance check in one command: bash tools/gpu_check.sh [gpu_check.py flags]
-# (a budget of 8 minutes on one GPU, --budget-minutes; prints a table of every check:
-# passed / failed / skipped and why; logs and gpu_check.json under --out).
+# (a wall-clock budget of 12 minutes, --budget-minutes; prints a table of every check:
+# passed / failed / skipped and why / unfinished; logs and gpu_check.json under --out;
+# exit code 0 only when every check passed or was skipped). docs/GPU.md has the details.
 #
 # (a) NGC container (Dockerfile: TE, apex, DALI, megatron-core installed): runs as is.
 # (b) A bare CUDA machine without network (Python 3.12, a CUDA torch; no Transformer Engine,
@@ -11,8 +12,9 @@
 #         bash tools/gpu_check.sh --fetch-wheels all    # + numpy, packaging, pyyaml,
 #                                                       #   sentencepiece, psutil, pillow
 #     A wheel is installed (into /tmp/gpu_check_site) only when its module does not import;
-#     this package runs from the checkout. scikit-learn (the digits data of the eval check)
-#     is large: where it is missing, that check fails and says so.
+#     this package runs from the checkout. scikit-learn (the digits data of the eval and
+#     layout-ltdr-digits checks) is large and not fetched: where it is missing, those checks
+#     are skipped and say so (the run can still pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +49,8 @@ for wheel in .whl/*.whl; do
 done
 [ -d "$site" ] && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0
+# TF32 is switched off per check (NVIDIA_TF32_OVERRIDE=0 for all but oracle-tf32: gpucheck/tf32.py)
+export PYTHONUNBUFFERED=1
 
 missing=()
 for module in torch numpy packaging megatron.core yaml sentencepiece psutil PIL; do

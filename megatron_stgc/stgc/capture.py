@@ -114,6 +114,19 @@ def _output_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def weight_grads_match_captures(config) -> bool:
+    """Whether autograd's weight gradient of an expert linear is the G of the captured rows
+    (sum_n D_n X_n^T in the captures' precision), so STGC may reuse it as the mean G.
+
+    Not with gradient_accumulation_fusion (the linear adds dW into main_grad and hands
+    autograd a placeholder), nor with FP8 / FP4 (Transformer Engine's linears form dW from
+    quantized inputs and output gradients, while the per-token gradients STGC compares it
+    with come from the unquantized captures: G must come from those same captures).
+    """
+    quantized = getattr(config, "fp8", None) or getattr(config, "fp4", None)
+    return not (config.gradient_accumulation_fusion or quantized)
+
+
 def attach_capture_hooks(
     experts: torch.nn.Module,
     current_capture: Callable[[], ExpertCapture | None],
@@ -124,8 +137,7 @@ def attach_capture_hooks(
     ``current_capture()`` returns the capture of the forward in progress (or None).
     reuse_weight_grads: also keep the weight gradient autograd computes for each
     expert linear (a tensor hook on the parameter), so that G need not be formed
-    again. Only valid when the linear returns its real weight gradient to autograd
-    (megatron-core local linears without gradient_accumulation_fusion).
+    again. Only valid where ``weight_grads_match_captures`` holds.
     """
     in_backward = _BackwardCapture()
     handles = []

@@ -114,15 +114,19 @@ def conflict_mask(cos: torch.Tensor, tau: float) -> torch.Tensor:
     return cos < tau
 
 
-def lowrank_basis(g_weight: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+def draw_probe(in_dim: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """A Gaussian test matrix [in, r] for lowrank_basis, drawn by a CPU generator (the same
+    numbers on every device)."""
+    return torch.randn(in_dim, rank, generator=generator, dtype=torch.float32)
+
+
+def lowrank_basis(g_weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
     """Orthonormal U [out, r] spanning G's dominant column space (one power step).
 
-    generator: a CPU generator (the probe is drawn on the CPU, then moved to G's device).
+    probe: [in, r'] on G's device (draw_probe); r = min(r', out).
     """
-    out_dim, in_dim = g_weight.shape
-    rank = min(rank, out_dim)
-    # drawn by a CPU generator, then moved: the same probe on every device
-    probe = torch.randn(in_dim, rank, generator=generator, dtype=torch.float32).to(g_weight)
+    out_dim, _ = g_weight.shape
+    probe = probe[:, :min(probe.shape[1], out_dim)]
     range_sample = g_weight @ (g_weight.t() @ (g_weight @ probe))  # [out, r]
     basis, _ = torch.linalg.qr(range_sample)
     return basis

@@ -32,12 +32,28 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
-def _row_stats(linears, grads, estimator: str, rank: int, generator):
+# lowrank estimator: (in_dim, rank, seed, device) -> the probe, copied to the device once
+# (a host-to-device copy per backward would be a host sync; tests/test_host_copies.py).
+# Every expert of a layer shares it; memory: rank x (in_fc1 + in_fc2) fp32 per layer.
+_PROBES: dict[tuple, torch.Tensor] = {}
+
+
+def lowrank_probe(in_dim: int, rank: int, seed: int, device) -> torch.Tensor:
+    """The range finder's probe [in_dim, rank] for ``seed`` on ``device``, made once."""
+    key = (in_dim, rank, seed, str(device))
+    if key not in _PROBES:
+        generator = torch.Generator().manual_seed(seed)
+        _PROBES[key] = conflict_math.draw_probe(in_dim, rank, generator).to(device)
+    return _PROBES[key]
+
+
+def _row_stats(linears, grads, estimator: str, rank: int, seed: int):
     sq_norms = sum(conflict_math.token_grad_sq_norms(lin) for lin in linears)
     dots = torch.zeros_like(sq_norms)
     for lin, (g_w, g_b) in zip(linears, grads):
         if estimator == "lowrank":
-            basis = conflict_math.lowrank_basis(g_w, rank, generator)
+            probe = lowrank_probe(g_w.shape[1], rank, seed, g_w.device)
+            basis = conflict_math.lowrank_basis(g_w, probe)
             dots = dots + conflict_math.token_grad_dots_lowrank(lin, g_w, g_b, basis)
         else:
             dots = dots + conflict_math.token_grad_dots(lin, g_w, g_b)
@@ -65,11 +81,10 @@ def _consistency(linears, inv_norms: torch.Tensor, expert_dp_group) -> torch.Ten
 
 
 def row_cosines(linears: list[LinearGrads], grads: list[LinearMean], estimator: str = "exact",
-                rank: int = 64, generator: torch.Generator | None = None,
-                add_own_term: bool = False) -> torch.Tensor:
+                rank: int = 64, seed: int = 0, add_own_term: bool = False) -> torch.Tensor:
     """cos(g_n, G) for one expert's rows against the given G per linear -> [N];
     add_own_term: cos(g_n, G + g_n) (G does not contain the rows' own gradients)."""
-    sq_norms, dots = _row_stats(linears, grads, estimator, rank, generator)
+    sq_norms, dots = _row_stats(linears, grads, estimator, rank, seed)
     cosines = (conflict_math.cosines_with_own_term if add_own_term
                else conflict_math.cosines_from_stats)
     return cosines(sq_norms, dots, _mean_sq_norm(grads))
@@ -93,14 +108,13 @@ def expert_row_cosines(
     row_probs: [R] routing prob of every row (0 marks quantization padding rows)
     mean_source / previous / early: where G comes from (mean_source.expert_means)
     """
-    generator = torch.Generator().manual_seed(seed)
     if estimator == "fc2":  # parameter-subset estimator: the output projection only
         experts = [linears[-1:] for linears in experts]
         previous = None if previous is None else [means[-1:] for means in previous]
     grads = expert_means(mean_source, experts, expert_dp_group, previous, early)
     row_cos, counts, consistency = [], [], []
     for linears, expert_grads in zip(experts, grads):
-        sq_norms, dots = _row_stats(linears, expert_grads, estimator, rank, generator)
+        sq_norms, dots = _row_stats(linears, expert_grads, estimator, rank, seed)
         mean_sq = _mean_sq_norm(expert_grads)
         row_cos.append(conflict_math.cosines_from_stats(sq_norms, dots, mean_sq))
         counts.append((sq_norms > 0).sum())

@@ -19,7 +19,7 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_stgc.stgc.capture import (LINEAR_NAMES, attach_capture_hooks,
-                                        expert_linear_has_bias)
+                                        expert_linear_has_bias, weight_grads_match_captures)
 from megatron_stgc.stgc.config import STGCConfig
 from megatron_stgc.stgc.expert_side import expert_row_cosines
 from megatron_stgc.stgc.mean_source import EarlyMeanReduce, group_size, reduce_dtype
@@ -98,7 +98,7 @@ class STGCMoELayer(MoELayer):
                 "STGC supports biased experts with SequentialMLP (local spec) only; grouped-GEMM "
                 "experts need add_bias_linear=False"
             )
-        self._reuses_weight_grads = not config.gradient_accumulation_fusion
+        self._reuses_weight_grads = weight_grads_match_captures(config)
         self._hook_handles = attach_capture_hooks(
             self.experts, self._current_capture, reuse_weight_grads=self._reuses_weight_grads,
         )

@@ -92,12 +92,12 @@ class ExpertLoadCounter:
         """routing_map: [tokens, experts] bool; modality: [tokens] (megatron's s*b order).
 
         One matmul of the modality one-hot [tokens, modalities] with the routing map, in
-        float64 (exact counts; integer matmul is not on the GPU), no boolean indexing (no
-        host sync)."""
+        float64 (exact counts; integer matmul is not on the GPU), no boolean indexing and
+        no host data copied to the device (no host sync; tests/test_host_copies.py)."""
         routed = routing_map.reshape(-1, routing_map.shape[-1]).to(torch.float64)
         modality = modality.to(routed.device).reshape(-1)
-        codes = torch.tensor(MODALITY_CODES, device=routed.device)
-        one_hot = (modality[:, None] == codes[None, :]).to(torch.float64)  # [tokens, modalities]
+        one_hot = torch.stack([modality == code for code in MODALITY_CODES],
+                              dim=1).to(torch.float64)  # [tokens, modalities]
         rows = (one_hot.t() @ routed).round().to(torch.long)  # [modalities, experts]
         _accumulate(self.modality_counts, layer, rows)
 

@@ -1,0 +1,1 @@
+"""The pieces of tools/gpu_check.py (the GPU acceptance check); see that file."""
