@@ -99,10 +99,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             build_arg_parser().print_help()
         return 0
+    from megatron_stgc.data.data_errors import DataError
+
     try:
         return COMMANDS[command](rest)
     except ConfigError as error:
         print(f"megatron-stgc: configuration error: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:
+        print(f"megatron-stgc: data error: {error}", file=sys.stderr)
         return 2
 
 

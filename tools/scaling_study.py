@@ -119,7 +119,7 @@ def run_point(point: Point, steps: int, warmup: int, work_dir: str, cache_dir: s
                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--local-addr", "127.0.0.1",
                "-m", "megatron_stgc", "train", "--config", BASE_CONFIG,
                "--save", "none", "--load", "none", "--save-interval", "none",
-               "--train-iters", str(steps), "--log-interval", str(steps),
+               "--train-iters", str(steps), "--log-interval", "1",
                "--log-file", log, "--cache-dir", cache_dir, *point.flags(), *extra_flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     start = time.perf_counter()

@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
 
 import digits_main_job as job  # noqa: E402
+from megatron_stgc.analysis.logs import last_steps, step_mean  # noqa: E402
 from megatron_stgc.analysis.plots import expert_token_totals  # noqa: E402
 
 BASELINE = "baseline"
@@ -86,14 +87,13 @@ def grid_points(args) -> dict[str, list[str]]:
 
 
 def _last_mean(records: list[dict], key: str):
-    values = [r[key] for r in records[-job.LAST_STEPS:] if key in r]
-    return sum(values) / len(values) if values else None
+    return step_mean(last_steps(records, job.LAST_STEPS), key)
 
 
 def _load_cv(records: list[dict], modality: str):
     """Expert imbalance of one modality's tokens over the last steps: the coefficient of
     variation (std / mean) of tokens per expert, averaged over the MoE layers; 0 = even."""
-    totals = expert_token_totals(records[-job.LAST_STEPS:])
+    totals = expert_token_totals(last_steps(records, job.LAST_STEPS))
     cvs = [statistics.pstdev(row) / statistics.fmean(row)
            for (_, row_modality), row in totals.items()
            if row_modality == modality and sum(row) > 0]

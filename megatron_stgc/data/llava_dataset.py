@@ -1,13 +1,12 @@
 """LLaVA instruction data -> micro-batches of tokens, labels, images and modality.
 
 Positions and records: the run's ``i``-th sample is the record
-``ShardedSampler.record_index(i)`` (a seeded permutation per epoch over the
-index's good records), and global batch ``g`` / DP rank ``r`` own the same
-positions as in the text-only data set (``dataset.micro_batch_indices``), so a
-checkpoint's ``consumed_samples`` says exactly where to resume.
-
-The order is ``data/sample_order.py``'s: a seeded shuffle, or with
-``--group-by-modality-length`` MoE-LLaVA's modality- and length-grouped order.
+``order.permutation(i // N)[i % N]`` over the good records of the --data-path
+files (``data/sample_order.py``: a seeded shuffle per epoch, or with
+``--group-by-modality-length`` MoE-LLaVA's modality- and length-grouped order),
+and global batch ``g`` / DP rank ``r`` own the same positions as in the
+text-only data set (``dataset.micro_batch_indices``), so a checkpoint's
+``consumed_samples`` says exactly where to resume.
 
 A record that turns out unusable only when it is used (corrupt image file,
 ``<image>`` tag problems, image tokens that do not fit ``--seq-length``) is

@@ -85,7 +85,7 @@ class BatchStream:
         self.end_step = end_step
         self.num_workers = num_workers if hasattr(dataset, "produce") else 0
         self._produced: Optional[Iterator] = None
-        if self.num_workers > 0:
+        if self.num_workers > 0 and start_step < end_step:
             self._produced = iter(self._data_loader(start_step, end_step))
 
     def _data_loader(self, start_step: int, end_step: int) -> torch.utils.data.DataLoader:
