@@ -49,7 +49,7 @@ def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
             if x[key] is None:
                 assert y[key] is None, key
             else:
-                assert torch.equal(x[key], y[key]), key
+                assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
 
 
 def test_positions_are_the_training_loops():
