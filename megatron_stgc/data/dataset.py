@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -113,14 +113,6 @@ def micro_batch_indices(consumed_samples: int, global_batch_size: int, micro_bat
     start = consumed_samples + dp_rank * per_rank
     return [list(range(start + m, start + m + micro_batch_size))
             for m in range(0, per_rank, micro_batch_size)]
-
-
-def micro_batches(dataset: PackedDataset, consumed_samples: int, global_batch_size: int,
-                  micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
-    """Iterator over this rank's micro-batches for one step (what the schedule consumes)."""
-    for indices in micro_batch_indices(consumed_samples, global_batch_size, micro_batch_size,
-                                       dp_rank, dp_size):
-        yield dataset.batch(indices)
 
 
 def build_dataset(seq_length: int, seed: int, cache_dir: str,
