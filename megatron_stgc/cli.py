@@ -133,6 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             build_arg_parser().print_help()
         return 0
     from megatron_stgc.eval.benchmarks.base import BenchmarkError
+    from megatron_stgc.data.data_errors import DataError
 
     try:
         return COMMANDS[command](rest)
@@ -141,6 +142,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except BenchmarkError as error:
         print(f"megatron-stgc: benchmark file error: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:
+        print(f"megatron-stgc: data error: {error}", file=sys.stderr)
         return 2
 
 

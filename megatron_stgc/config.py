@@ -147,7 +147,9 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    data_path: Optional[str] = None  # None = the embedded instruction-style text set
+    # one or more files (flag: several values; YAML: a string or a list), concatenated like
+    # MoE-LLaVA's --data_path (each record once per epoch); None = the embedded text set
+    data_path: Optional[list[str]] = None
     tokenizer_model: Optional[str] = None  # None = train one on the data at first run
     vocab_size: int = 512  # size of the tokenizer trained at first run
     num_samples: int = 4000  # samples generated for the embedded data set
@@ -171,6 +173,17 @@ class DataConfig:
     # rows of --seq-length as they fit (attention and positions per sample; Megatron-LM's
     # multimodal flag name). Off: one sample per row, cut to the micro-batch's longest
     use_packed_sequence: bool = False
+    # processes that load, tokenize and decode micro-batches ahead of the step (torch
+    # DataLoader workers, spawned); 0 = in the training process, inside the step. Batches are
+    # the same for every value (docs/DATA_LOADER.md); the text-only data set ignores it
+    num_workers: int = 2
+    # stop the run when more than this fraction of the records is unusable: at index time
+    # (before step 1) over all records of --data-path, in use over the records tried so far
+    # (checked on log steps; the error names the top bad kinds and example ids)
+    max_bad_sample_fraction: float = 0.01
+    # MoE-LLaVA's --group_by_modality_length: every global batch holds records of one
+    # modality (image or text-only), split into micro-batches of balanced length
+    group_by_modality_length: bool = False
 
 
 @dataclass
@@ -291,6 +304,8 @@ def _parse_bool(text: str) -> bool:
 
 def _field_type(f: dataclasses.Field) -> type:
     text = str(f.type)
+    if text == "Optional[list[str]]":
+        return list
     for name, typ in (("bool", bool), ("int", int), ("float", float)):
         if text == name or text == f"Optional[{name}]":
             return typ
@@ -315,7 +330,10 @@ def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     for key, (section, f) in _flag_table().items():
         typ = _field_type(f)
         help_text = f"[{section}] default: {f.default!r}" if f.default is not dataclasses.MISSING else section
-        if typ is bool:
+        if typ is list:
+            # Megatron-style: --data-path a.json b.json (``none`` alone: unset)
+            parser.add_argument(flag(key), dest=key, nargs="+", help=help_text)
+        elif typ is bool:
             # --bf16 alone means true; --bf16 false / --no-bf16 also work.
             parser.add_argument(flag(key), dest=key, nargs="?", const=True,
                                 type=_parse_bool, help=help_text)
@@ -330,6 +348,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if value is None:
         return None
     typ = _field_type(f)
+    if typ is list:
+        return _string_list(key, value)
     try:
         if typ is bool:
             return value if isinstance(value, bool) else _parse_bool(value)
@@ -338,6 +358,19 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         return typ(value)
     except (ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{flag(key)}: expected {typ.__name__}, got {value!r}") from None
+
+
+def _string_list(key: str, value: Any) -> Optional[list[str]]:
+    """A list-valued setting from a flag (a list of strings) or YAML (a string or a list);
+    ``none`` alone unsets it."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{flag(key)}: expected a file name or a list of them, got {value!r}")
+    if len(items) == 1 and items[0].strip().lower() in ("none", "null"):
+        return None
+    if not items:
+        raise ConfigError(f"{flag(key)}: expected at least one file name")
+    return list(items)
 
 
 def config_from_flat(values: dict[str, Any]) -> RunConfig:
@@ -380,6 +413,8 @@ def fill_defaults(config: RunConfig) -> RunConfig:
         m.moe_ffn_hidden_size = m.ffn_hidden_size
     if config.vision.vision_ffn_hidden_size is None:
         config.vision.vision_ffn_hidden_size = 4 * config.vision.vision_hidden_size
+    if isinstance(config.data.data_path, str):  # set in code, not parsed
+        config.data.data_path = [config.data.data_path]
     return config
 
 
@@ -504,11 +539,7 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
              f"--log-interval must be >= 1, got {config.logging.log_interval}")
     _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
              f"--vocab-size must be >= 64, got {config.data.vocab_size}")
-    if config.data.data_path is not None:
-        hint = ("; tools/make_digits_mix.py --output DIR writes the embedded real-image mix"
-                if config.vision.vision_model_type else "")
-        _require(os.path.exists(config.data.data_path),
-                 f"--data-path: {config.data.data_path} does not exist{hint}")
+    _validate_data(config)
     if config.data.tokenizer_model is not None:
         _require(os.path.exists(config.data.tokenizer_model),
                  f"--tokenizer-model: {config.data.tokenizer_model} does not exist (a "
@@ -651,6 +682,45 @@ def _validate_stgc_layers(config: RunConfig) -> None:
              f"--stgc reaches no MoE layer: --stgc-layers selects {selected}, MoE layers are {moe}")
 
 
+def _validate_data(config: RunConfig) -> None:
+    """--data-path files, the loader's workers and the bad-sample threshold."""
+    d = config.data
+    hint = ("; tools/make_digits_mix.py --output DIR writes the embedded real-image mix"
+            if config.vision.vision_model_type else "")
+    for path in d.data_path or []:
+        _require(os.path.exists(path), f"--data-path: {path} does not exist{hint}")
+    real = [os.path.realpath(path) for path in d.data_path or []]
+    repeated = sorted({path for path in d.data_path or []
+                       if real.count(os.path.realpath(path)) > 1})
+    _require(not repeated, f"--data-path names {repeated} more than once (each file's records "
+                           "are used once per epoch; a file given twice would be used twice)")
+    _require(d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}")
+    _require(0 <= d.max_bad_sample_fraction <= 1,
+             f"--max-bad-sample-fraction must lie in [0, 1], got {d.max_bad_sample_fraction}")
+    _require(not d.group_by_modality_length or config.vision.vision_model_type is not None,
+             "--group-by-modality-length needs --vision-model-type (the text-only data set "
+             "has one modality)")
+
+
+# Text positions a vision-language sample needs besides its image tokens: the chat
+# template's user and assistant tags, a short question, an answer token and EOS.
+MIN_TEXT_TOKENS = 16
+
+
+def _validate_vision_lengths(config: RunConfig) -> None:
+    """--seq-length must hold the image tokens and some text (else every image record would
+    be dropped as image_truncated and the run would train on text alone)."""
+    from megatron_stgc.model.vision import num_image_tokens
+
+    image_tokens = num_image_tokens(config)
+    needed = image_tokens + MIN_TEXT_TOKENS
+    _require(config.model.seq_length >= needed,
+             f"--seq-length ({config.model.seq_length}) cannot hold an image sample: "
+             f"{image_tokens} image tokens (--img-h {config.vision.img_h} x --img-w "
+             f"{config.vision.img_w} / --patch-dim {config.vision.patch_dim}) + at least "
+             f"{MIN_TEXT_TOKENS} text tokens = {needed}; raise --seq-length")
+
+
 def _validate_vision(config: RunConfig, training: bool = True) -> None:
     """The vision section and the data flags that only make sense with (or without) it."""
     v, d = config.vision, config.data
@@ -687,8 +757,14 @@ def _validate_vision(config: RunConfig, training: bool = True) -> None:
                  "--disable-vision-class-token")
         _require(config.parallel.tensor_model_parallel_size == 1,
                  "--vision-model-type with --tensor-model-parallel-size > 1 is not supported yet")
-        if d.image_root is not None:
-            _require(os.path.isdir(d.image_root), f"--image-root: {d.image_root} is not a directory")
+        _require(d.image_root is not None or not training,
+                 "--vision-model-type needs --image-root, the folder the records' image paths "
+                 "are relative to (--image-root . for the working directory): without it every "
+                 "image would be missing and the run would train on text alone")
+        if d.image_root is not None:  # eval reads the benchmark's own image folder
+            _require(os.path.isdir(d.image_root),
+                     f"--image-root: {d.image_root} is not a directory")
+        _validate_vision_lengths(config)
     if v.moe_use_upcycling:
         _require(v.pretrained_checkpoint is not None,
                  "--moe-use-upcycling needs --pretrained-checkpoint (a dense checkpoint)")

@@ -26,25 +26,23 @@ def initialize_distributed(timeout_minutes: int = 10) -> None:
     cpu_bridge.install()
     if dist.is_initialized():
         return
+    store = None
     if "RANK" not in os.environ:
+        # one process: its store binds port 0 (the OS picks a free port atomically; choosing a
+        # port first and binding it later races with other processes: EADDRINUSE)
+        store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True,
+                              timeout=datetime.timedelta(minutes=timeout_minutes))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(store.port))
         os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = "0", "1", "0"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
         backend = "gloo"
+    extra = {} if store is None else {"store": store, "rank": 0, "world_size": 1}
     dist.init_process_group(backend=backend,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                            timeout=datetime.timedelta(minutes=timeout_minutes), **extra)
 
 
 def initialize_model_parallel(tensor_parallel_size: int, expert_parallel_size: int,

@@ -86,6 +86,11 @@ BAD_CONFIGS = [
     (["--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "allgather"], 1,
      "--moe-expert-capacity-factor"),
     (["--tokenizer-model", "/no/such/file.model"], 1, "--tokenizer-model"),
+    (["--num-workers", "-1"], 1, "--num-workers must be >= 0"),
+    (["--max-bad-sample-fraction", "1.5"], 1, "--max-bad-sample-fraction"),
+    (["--group-by-modality-length"], 1, "--group-by-modality-length needs --vision-model-type"),
+    (["--data-path", EXAMPLE, EXAMPLE], 1, "--data-path names"),
+    (["--data-path", EXAMPLE, "/no/such/nlp.json"], 1, "--data-path: /no/such/nlp.json"),
 ]
 
 
@@ -122,6 +127,21 @@ def test_expert_tensor_parallel_size_one_lets_stgc_past_its_check():
                                "--expert-tensor-parallel-size", "1"])
     with pytest.raises(ConfigError, match="needs sequence parallelism"):
         validate_run_config(config, 2)
+
+
+def test_data_path_takes_several_files_from_flags_and_yaml(tmp_path):
+    assert parse_run_config(["--data-path", "a.json", "b.json"]).data.data_path == ["a.json",
+                                                                                   "b.json"]
+    assert parse_run_config(["--data-path", "none"]).data.data_path is None
+    one, several = tmp_path / "one.yaml", tmp_path / "several.yaml"
+    one.write_text("data:\n  data_path: a.json\n")
+    several.write_text("data_path: [a.json, b.json]\n")
+    assert parse_run_config(["--config", str(one)]).data.data_path == ["a.json"]
+    assert parse_run_config(["--config", str(several)]).data.data_path == ["a.json", "b.json"]
+    with pytest.raises(ConfigError, match="--data-path: expected a file name"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("data_path: 3\n")
+        parse_run_config(["--config", str(bad)])
 
 
 def test_stgc_layers_all_is_every_moe_layer():

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from megatron_stgc.data.data_errors import DataError
 from megatron_stgc.data.dataset import (build_dataset, load_conversations, micro_batch_indices,
                                         pack_conversations)
 from megatron_stgc.data.instruct_text import (ASSISTANT_TAG, format_conversation,
@@ -99,5 +100,5 @@ def test_data_path_formats(tmp_path):
     assert [c.question for c in load_conversations(str(llava))] == ["Q3?", "Q4?"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(ValueError, match="record 0"):
+    with pytest.raises(DataError, match=r"no_question_answer: 1 \(e.g. bad.jsonl:#0\)"):
         load_conversations(str(bad))

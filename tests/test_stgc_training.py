@@ -71,7 +71,7 @@ def _run_main_job(rank, world_size, out_dir):
     values = load_yaml(os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_moe_cpu.yaml"))
     values.update(train_iters=15, save=None, load=None, save_interval=None, num_samples=600,
                   log_file=os.path.join(out_dir, "log.jsonl"), cache_dir=os.path.join(out_dir, "cache"),
-                  stgc=True, stgc_consistency_interval=5)
+                  stgc=True, stgc_consistency_interval=5, log_interval=1)
     run_training(config_from_flat(values), destroy_process_groups=False)
     if rank != 0:
         return None

@@ -2,8 +2,10 @@
 
 * the loss falls on the embedded instruction-style data;
 * a run stopped after 10 steps and resumed from its checkpoint continues
-  exactly: per-step losses and grad norms equal those of 20 straight steps;
-* the JSONL log carries the per-step metrics.
+  exactly: the straight run logs every step (--log-interval 1), the resumed run every
+  5 steps, and each of its records equals the mean (loss, grad norm) or the sum (tokens
+  per expert) of the straight run's 5 steps;
+* the JSONL log carries the step metrics, one record per log interval.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _torchrun(*flags: str, cache_dir: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(_free_port()), "-m", "megatron_stgc", "train",
                "--config", EXAMPLE, "--train-iters", str(STEPS), "--cache-dir", cache_dir,
-               "--log-interval", "5", *flags]
+               *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=900)
@@ -51,10 +53,10 @@ def runs(tmp_path_factory):
     cache = str(root / "cache")
     straight = str(root / "straight")
     _torchrun("--save", straight, "--load", straight, "--log-file", f"{straight}/log.jsonl",
-              cache_dir=cache)
+              "--log-interval", "1", cache_dir=cache)
     resumed = str(root / "resumed")
     common = ("--save", resumed, "--load", resumed, "--save-interval", "10",
-              "--log-file", f"{resumed}/log.jsonl")
+              "--log-file", f"{resumed}/log.jsonl", "--log-interval", "5")
     first = _torchrun(*common, "--exit-interval", "10", cache_dir=cache)
     second = _torchrun(*common, cache_dir=cache)
     return {"straight": straight, "resumed": resumed, "first": first, "second": second}
@@ -69,14 +71,21 @@ def test_loss_falls_on_the_embedded_default(runs):
 def test_resume_continues_exactly(runs):
     straight = _records(f"{runs['straight']}/log.jsonl")
     resumed = _records(f"{runs['resumed']}/log.jsonl")
-    assert [r["iteration"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["iteration"] for r in straight] == list(range(1, STEPS + 1))
+    assert [r["steps"] for r in straight] == [1] * STEPS
+    assert [(r["iteration"], r["steps"]) for r in resumed] == [(5, 5), (10, 5), (15, 5), (20, 5)]
     assert "resumed from" in runs["second"].stdout
-    for a, b in zip(straight, resumed):
-        assert a["loss"] == b["loss"], (a["iteration"], a["loss"], b["loss"])
-        assert a["grad_norm"] == b["grad_norm"]
-        assert a["lr"] == b["lr"]
-        assert a["consumed_samples"] == b["consumed_samples"]
-        assert a["tokens_per_expert"] == b["tokens_per_expert"]
+    for b in resumed:
+        steps = straight[b["iteration"] - 5:b["iteration"]]
+        assert b["loss"] == sum(a["loss"] for a in steps) / 5, b["iteration"]
+        assert b["grad_norm"] == sum(a["grad_norm"] for a in steps) / 5
+        assert b["lr"] == steps[-1]["lr"]
+        assert b["consumed_samples"] == steps[-1]["consumed_samples"]
+        for layer, counts in b["tokens_per_expert"].items():
+            assert counts == [sum(column) for column in
+                              zip(*(a["tokens_per_expert"][layer] for a in steps))]
+        aux = sum(a["moe/load_balancing_loss"] for a in steps) / 5
+        assert b["moe/load_balancing_loss"] == pytest.approx(aux, rel=1e-5)
 
 
 def test_checkpoints_are_published_with_a_tracker(runs):
@@ -89,16 +98,19 @@ def test_checkpoints_are_published_with_a_tracker(runs):
 
 
 def test_jsonl_has_the_step_metrics(runs):
-    record = _records(f"{runs['straight']}/log.jsonl")[-1]
-    for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_second", "step_time_s",
-                "moe/load_balancing_loss", "tokens_per_expert"):
+    record = _records(f"{runs['resumed']}/log.jsonl")[-1]
+    for key in ("iteration", "steps", "loss", "lr", "grad_norm", "tokens_per_second",
+                "step_time_s", "moe/load_balancing_loss", "tokens_per_expert"):
         assert key in record, key
-    # 4 layers, MoE on every other layer (1 and 3, 1-based), 4 experts, top-2:
+    # 4 layers, MoE on every other layer (1 and 3, 1-based), 4 experts, top-2; the counts
+    # are sums over the record's 5 steps:
     per_layer = record["tokens_per_expert"]
     assert sorted(per_layer) == ["layer_1", "layer_3"]
-    # every real (non-padding) position of the global batch (32 rows x 64) routed top-2
-    real = round(record["real_token_fraction"] * 32 * 64)
-    assert 0.5 * 32 * 64 < real < 32 * 64  # rows packed greedily, padding at their ends
+    # every real (non-padding) position of the 5 steps' global batches (32 rows x 64 each)
+    # is routed top-2
+    computed = record["steps"] * 32 * 64
+    real = round(record["real_token_fraction"] * computed)
+    assert 0.5 * computed < real < computed  # rows packed greedily, padding at their ends
     assert all(sum(counts) == 2 * real and len(counts) == 4 for counts in per_layer.values())
 
 

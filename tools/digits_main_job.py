@@ -45,6 +45,7 @@ sys.path.insert(0, REPO)
 
 from megatron_stgc.data.digits import build_digits_mix  # noqa: E402
 from megatron_stgc.eval.scoring import format_table  # noqa: E402
+from megatron_stgc.analysis.logs import after_step, last_steps, read_log, step_mean  # noqa: E402
 from megatron_stgc.analysis.plots import expert_token_totals  # noqa: E402
 
 DENSE = ["--num-experts", "none", "--expert-model-parallel-size", "1"]
@@ -81,11 +82,6 @@ def torchrun(nproc: int, command: list[str], log_path: str) -> float:
     return time.perf_counter() - start
 
 
-def read_log(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def modality_shares(records: list[dict]) -> dict[str, str]:
     """{"layer_N image": "e0 .. e3 shares in %", ...} summed over the last steps."""
     shares = {}
@@ -98,31 +94,31 @@ def modality_shares(records: list[dict]) -> dict[str, str]:
 
 def summarise(run_dir: str, results: dict, train_seconds: float) -> dict[str, object]:
     records = read_log(os.path.join(run_dir, "train_log.jsonl"))
-    last = records[-LAST_STEPS:]
+    last = last_steps(records, LAST_STEPS)  # one record per --log-interval steps
     row: dict[str, object] = {}
     for category, value in sorted(results["per_category"].items()):
         row[f"accuracy {category}"] = f"{100 * value['accuracy']:.1f}%"
     row["accuracy overall"] = f"{100 * results['overall']['accuracy']:.1f}%"
-    row["final loss (mean of last steps)"] = f"{sum(r['loss'] for r in last) / len(last):.4f}"
-    fractions = [r["stgc/conflict_fraction"] for r in last if "stgc/conflict_fraction" in r]
-    if fractions:
-        row["conflict fraction"] = f"{sum(fractions) / len(fractions):.4f}"
+    row["final loss (mean of last steps)"] = f"{step_mean(last, 'loss'):.4f}"
+    fraction = step_mean(last, "stgc/conflict_fraction")
+    if fraction is not None:
+        row["conflict fraction"] = f"{fraction:.4f}"
     row.update(ltdr_rows(last))
     row.update(modality_shares(last))
     row["train seconds (2 procs)"] = f"{train_seconds:.0f}"
-    step_times = sorted(r["step_time_s"] for r in records[5:] if "step_time_s" in r)
+    step_times = sorted(r["step_time_s"] for r in after_step(records, 5) if "step_time_s" in r)
     if step_times:  # the per-step cost of LTDR / STGC, comparable between the runs
         row["median step time s (after step 5)"] = f"{step_times[len(step_times) // 2]:.3f}"
     return row
 
 
 def ltdr_rows(records: list[dict]) -> dict[str, str]:
-    """Means of the ltdr/* metrics over ``records`` (runs with --ltdr only)."""
+    """Means of the ltdr/* metrics over the steps of ``records`` (runs with --ltdr only)."""
     rows = {}
     for key, label in LTDR_METRICS.items():
-        values = [r[key] for r in records if key in r]
-        if values:
-            rows[label] = f"{sum(values) / len(values):.4f}"
+        value = step_mean(records, key)
+        if value is not None:
+            rows[label] = f"{value:.4f}"
     return rows
 
 

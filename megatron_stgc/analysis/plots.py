@@ -25,6 +25,8 @@ import json
 import os
 from typing import Callable, Optional
 
+from megatron_stgc.analysis.logs import last_steps
+
 LAST_STEPS = 20
 
 
@@ -158,7 +160,7 @@ def expert_token_totals(records: list[dict]) -> dict[tuple[str, str], list[int]]
 
 
 def _final_shares(records: list[dict], layer: str, modality: str) -> Optional[list[float]]:
-    counts = expert_token_totals(records[-LAST_STEPS:]).get((layer, modality))
+    counts = expert_token_totals(last_steps(records, LAST_STEPS)).get((layer, modality))
     if not counts or sum(counts) == 0:
         return None
     return [100.0 * c / sum(counts) for c in counts]

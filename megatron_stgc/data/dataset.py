@@ -16,47 +16,25 @@ all ranks of a D>1 run, one after another.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from megatron_stgc.data.instruct_text import (Conversation, format_conversation, format_prompt,
                                               generate_conversations)
+from megatron_stgc.data.llava_index import BadSampleCounter
+from megatron_stgc.data.text_records import read_text_records
 from megatron_stgc.data.tokenizer import Tokenizer, get_or_train_tokenizer, load_tokenizer
 
 
 def load_conversations(path: str) -> list[Conversation]:
-    """Read (question, answer) pairs from JSON / JSONL.
-
-    Each record is {"question": ..., "answer": ...}, {"prompt": ..., "response": ...}
-    or LLaVA style {"conversations": [{"from": "human", "value": ...},
-    {"from": "gpt", "value": ...}, ...]} (every human/gpt turn pair is a sample).
-    """
-    with open(path) as f:
-        text = f.read()
-    stripped = text.lstrip()
-    records = json.loads(text) if stripped.startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
-    conversations = []
-    for number, record in enumerate(records):
-        if "conversations" in record:
-            turns = record["conversations"]
-            for human, gpt in zip(turns[0::2], turns[1::2]):
-                conversations.append(Conversation(human["value"], gpt["value"]))
-        elif "question" in record or "prompt" in record:
-            conversations.append(Conversation(record.get("question", record.get("prompt")),
-                                              record.get("answer", record.get("response"))))
-        else:
-            raise ValueError(f"--data-path {path}: record {number} has neither "
-                             "question/answer, prompt/response nor conversations")
-    if not conversations:
-        raise ValueError(f"--data-path {path}: no conversations found")
-    return conversations
+    """(question, answer) pairs of one JSON / JSONL file (formats: data/text_records.py);
+    bad records are skipped and counted there (``read_text_records`` returns the counts)."""
+    return read_text_records([path]).conversations
 
 
 def pack_conversations(conversations: list[Conversation], tokenizer: Tokenizer,
@@ -111,6 +89,8 @@ class PackedDataset:
     loss_mask: np.ndarray  # [N, seq_length + 1]; 1 on answer tokens and EOS
     seed: int
     lengths: Optional[np.ndarray] = None  # [N] ids before each row's padding (None: no padding)
+    bad_records: Optional[BadSampleCounter] = None  # --data-path records skipped, by kind
+    num_records: int = 0  # records read from --data-path (good + bad)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -152,18 +132,19 @@ def micro_batch_indices(consumed_samples: int, global_batch_size: int, micro_bat
             for m in range(0, per_rank, micro_batch_size)]
 
 
-def micro_batches(dataset: PackedDataset, consumed_samples: int, global_batch_size: int,
-                  micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
-    """Iterator over this rank's micro-batches for one step (what the schedule consumes)."""
-    for indices in micro_batch_indices(consumed_samples, global_batch_size, micro_batch_size,
-                                       dp_rank, dp_size):
-        yield dataset.batch(indices)
+def text_records(data_path: Optional[list[str] | str]):
+    """The --data-path files' records (bad ones counted), or None for the embedded generator."""
+    if data_path is None:
+        return None
+    return read_text_records([data_path] if isinstance(data_path, str) else data_path)
 
 
-def text_conversations(data_path: Optional[str], num_samples: int) -> list[Conversation]:
-    """The text data set's conversations: --data-path, or the embedded generator's."""
-    if data_path is not None:
-        return load_conversations(data_path)
+def text_conversations(data_path: Optional[list[str] | str],
+                       num_samples: int) -> list[Conversation]:
+    """The text data set's conversations: --data-path's usable records, or the generator's."""
+    records = text_records(data_path)
+    if records is not None:
+        return records.conversations
     return generate_conversations(num_samples, seed=0)
 
 
@@ -172,7 +153,8 @@ def tokenizer_texts(conversations: list[Conversation]) -> list[str]:
     return [format_conversation(c) for c in conversations]
 
 
-def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optional[str] = None,
+def build_dataset(seq_length: int, seed: int, cache_dir: str,
+                  data_path: Optional[list[str] | str] = None,
                   tokenizer_model: Optional[str] = None, vocab_size: int = 512,
                   num_samples: int = 4000) -> tuple[PackedDataset, Tokenizer]:
     """The packed data set and its tokenizer (trained and cached on first use).
@@ -181,7 +163,9 @@ def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optiona
     conversations. Call on every rank; to avoid a training race, let rank 0 call
     it first (``prepare_data`` in training/train.py does).
     """
-    conversations = text_conversations(data_path, num_samples)
+    records = text_records(data_path)
+    conversations = (records.conversations if records is not None
+                     else generate_conversations(num_samples, seed=0))
     if tokenizer_model is not None:
         tokenizer = load_tokenizer(tokenizer_model)
     else:
@@ -190,4 +174,7 @@ def build_dataset(seq_length: int, seed: int, cache_dir: str, data_path: Optiona
                                            cache_dir)
     tokens, loss_mask, lengths = pack_conversations_with_lengths(conversations, tokenizer,
                                                                  seq_length)
-    return PackedDataset(tokens, loss_mask, seed, lengths), tokenizer
+    if records is None:
+        return PackedDataset(tokens, loss_mask, seed, lengths), tokenizer
+    return PackedDataset(tokens, loss_mask, seed, lengths, records.bad,
+                         records.num_records), tokenizer

@@ -1,16 +1,25 @@
 """LLaVA instruction data -> micro-batches of tokens, labels, images and modality.
 
 Positions and records: the run's ``i``-th sample is the record
-``ShardedSampler.record_index(i)`` (a seeded permutation per epoch over the
-index's good records), and global batch ``g`` / DP rank ``r`` own the same
-positions as in the text-only data set (``dataset.micro_batch_indices``), so a
-checkpoint's ``consumed_samples`` says exactly where to resume.
+``order.permutation(i // N)[i % N]`` over the good records of the --data-path
+files (``data/sample_order.py``: a seeded shuffle per epoch, or with
+``--group-by-modality-length`` MoE-LLaVA's modality- and length-grouped order),
+and global batch ``g`` / DP rank ``r`` own the same positions as in the
+text-only data set (``dataset.micro_batch_indices``), so a checkpoint's
+``consumed_samples`` says exactly where to resume.
 
 A record that turns out unusable only when it is used (corrupt image file,
 ``<image>`` tag problems, image tokens that do not fit ``--seq-length``) is
 counted by kind in ``bad_samples`` and replaced by the next record of the same
-epoch's permutation: deterministic, so a resumed run makes the same
-replacement, and never silent (``report()``; the trainer logs the counts).
+epoch's order (of the same modality, when grouping by modality): deterministic,
+so a resumed run or a data loader worker makes the same replacement, and never
+silent (``report()``; the trainer logs the counts).
+
+Producing a batch (``produce``) and counting what it found (``absorb``) are two
+steps, so a batch made in a data loader worker is counted in the training
+process when it is consumed, exactly as if it had been made there (``batch``
+does both in one process): the bad records a batch found are absorbed sorted by
+record, and truncations are counted per delivered sample.
 
 Rows (data/sequences.py): one sample per row, each micro-batch cut to its longest
 sample (rounded up to ``pad_to_multiple``), or with ``pack`` (--use-packed-sequence) the
@@ -33,7 +42,10 @@ from megatron_stgc.data import chat_templates as _chat_templates
 from megatron_stgc.data import conversation as _conversation
 from megatron_stgc.data import images as _images
 from megatron_stgc.data.conversation import BadConversation, tokenize_conversation
-from megatron_stgc.data.llava_index import BadSampleCounter, LlavaIndex, ShardedSampler
+from megatron_stgc.data.data_errors import DataError
+from megatron_stgc.data.llava_index import BadSampleCounter
+from megatron_stgc.data.llava_mix import LlavaMix, open_llava_mix
+from megatron_stgc.data.sample_order import ModalityGroupedOrder, ShuffledOrder
 from megatron_stgc.data.record_checks import (
     IMAGE_OUTSIDE_ROOT,
     ImagePathRefused,
@@ -63,16 +75,26 @@ def all_bad_sample_kinds() -> tuple[str, ...]:
 
 @dataclass
 class _Resolved:
-    record: int  # index into LlavaIndex
+    record: int  # index into the LlavaMix
     record_id: str
     tokens: np.ndarray  # int64 [length]
     loss_mask: np.ndarray  # int64 [length]
     image_path: Optional[str]
+    truncated: bool = False
+
+
+@dataclass
+class BatchEvents:
+    """What producing one batch found: bad records ``(record, kind, label)`` in record order
+    (those the producing process did not know yet) and truncated samples delivered."""
+
+    bad: list[tuple[int, str, str]]
+    truncated: int
 
 
 @dataclass
 class LlavaSFTDataset:
-    index: LlavaIndex
+    index: LlavaMix
     tokenizer: object  # encode / eos_id / pad_id
     image_loader: object  # ImagePreprocessor: load(paths) -> (tensor, failures)
     seq_length: int
@@ -85,11 +107,14 @@ class LlavaSFTDataset:
     chat_template: Optional[_chat_templates.ChatTemplate] = None  # None: the plain template
     pad_to_multiple: int = 1  # batch widths are multiples of this (sequences.sequence_multiple)
     pack: bool = False  # --use-packed-sequence: several samples per row
+    order: object = None  # sample_order: ShuffledOrder (default) or ModalityGroupedOrder
 
     def __post_init__(self):
-        self._order = ShardedSampler(num_samples=len(self.index), seed=self.seed, dp_rank=0,
-                                     dp_size=1)
-        self._bad_records: set[int] = set()
+        if self.order is None:
+            self.order = ShuffledOrder(len(self.index), self.seed)
+        self._bad_records: set[int] = set()  # counted in bad_samples (checkpointed)
+        self._known_bad: set[int] = set()  # skipped by this process's resolver
+        self._found: list[tuple[int, str, str]] = []  # found by the batch being produced
 
     def __len__(self) -> int:
         return len(self.index)
@@ -97,9 +122,9 @@ class LlavaSFTDataset:
     # ------------------------------------------------------------------ records
 
     def _mark_bad(self, record: int, kind: str, record_id: str) -> None:
-        if record not in self._bad_records:
-            self._bad_records.add(record)
-            self.bad_samples.add(kind, record_id)
+        if record not in self._known_bad:
+            self._known_bad.add(record)
+            self._found.append((record, kind, self.index.label(record, record_id)))
 
     def _tokenize(self, record: int) -> _Resolved:
         """Raises BadConversation for unusable conversations (and image paths that, resolved
@@ -126,23 +151,26 @@ class LlavaSFTDataset:
         except BadConversation as error:
             error.record_id = record_id
             raise
-        self.truncated += int(tokenized.truncated)
         return _Resolved(record, record_id, tokenized.tokens,
-                         tokenized.loss_mask, image_path)
+                         tokenized.loss_mask, image_path, bool(tokenized.truncated))
 
     def _resolve(self, position: int, skip: int = 0) -> _Resolved:
-        """The first usable record at or after ``position`` (+ ``skip``) in its epoch's order."""
+        """The first usable record at or after ``position`` (+ ``skip``) in its epoch's order
+        (with a modality-grouped order: of the modality of the record at ``position``)."""
         epoch, offset = divmod(position, len(self))
-        order = self._order.permutation(epoch)
+        order = self.order.permutation(epoch)
+        grouped = isinstance(self.order, ModalityGroupedOrder)
+        wanted = self.order.modality_of(int(order[offset])) if grouped else None
         for step in range(skip, skip + len(self)):
             record = int(order[(offset + step) % len(self)])
-            if record in self._bad_records:
+            if record in self._known_bad or (grouped and self.order.modality_of(record) != wanted):
                 continue
             try:
                 return self._tokenize(record)
             except BadConversation as error:
                 self._mark_bad(record, error.kind, getattr(error, "record_id", f"#{record}"))
-        raise RuntimeError(f"{self.index.path}: no usable record left\n{self.report()}")
+        kind = {None: "", 1: " with an image", -1: " without an image"}[wanted]
+        raise RuntimeError(f"{self.index.path}: no usable record{kind} left\n{self.report()}")
 
     def _resolve_with_images(self, positions: list[int]) -> tuple[list[_Resolved], torch.Tensor]:
         """Resolve every position; images of a corrupt file are marked bad and replaced."""
@@ -162,12 +190,36 @@ class LlavaSFTDataset:
     # ------------------------------------------------------------------ batches
 
     def batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        """The micro-batch of ``positions`` (``_tensors`` has the layout); what making it found
+        is counted here (``produce`` + ``absorb``)."""
+        tensors, events = self.produce(positions)
+        self.absorb(events)
+        return tensors
+
+    def produce(self, positions: list[int]) -> tuple[dict[str, torch.Tensor], BatchEvents]:
+        """The batch of ``positions`` and what making it found, not yet counted."""
+        self._found = []
+        resolved, images = self._resolve_with_images(positions)
+        events = BatchEvents(bad=sorted(self._found),
+                             truncated=sum(int(r.truncated) for r in resolved))
+        self._found = []
+        return self._tensors(resolved, images), events
+
+    def absorb(self, events: BatchEvents) -> None:
+        """Count a produced batch's findings (bad records once per process, as ``batch``)."""
+        for record, kind, label in events.bad:
+            self._known_bad.add(record)
+            if record not in self._bad_records:
+                self._bad_records.add(record)
+                self.bad_samples.add(kind, label)
+        self.truncated += events.truncated
+
+    def _tensors(self, resolved: list[_Resolved], images) -> dict[str, torch.Tensor]:
         """tokens / labels / loss_mask / position_ids / modality / padding_mask [rows, width],
         images [n_img, 3, H, W]; with ``pack`` also segment_ids [rows, width].
 
-        One row per sample (``rows`` = ``len(positions)``) or, packed, as few as they fit;
+        One row per sample (``rows`` = ``len(resolved)``) or, packed, as few as they fit;
         ``width`` = the fullest row rounded up to ``pad_to_multiple``."""
-        resolved, images = self._resolve_with_images(positions)
         return vision_language_batch(
             [(r.tokens, r.loss_mask) for r in resolved], images,
             [r.image_path is not None for r in resolved], seq_length=self.seq_length,
@@ -187,6 +239,7 @@ class LlavaSFTDataset:
         self.bad_samples = BadSampleCounter.from_json(state["bad_samples"])
         self.truncated = int(state["truncated"])
         self._bad_records = set(int(r) for r in state["bad_records"])
+        self._known_bad = set(self._bad_records)
 
     def report(self, bad_samples: Optional[BadSampleCounter] = None,
                truncated: Optional[int] = None, scope: str = "") -> str:
@@ -199,7 +252,7 @@ class LlavaSFTDataset:
                 f"samples truncated to --seq-length{scope} (counted per use): {truncated}")
 
 
-def tokenizer_training_texts(index: LlavaIndex, limit: int = 20000) -> list[str]:
+def tokenizer_training_texts(index: LlavaMix, limit: int = 20000) -> list[str]:
     """Chat-template texts of up to ``limit`` records spread over the file (no <image> tags)."""
     from megatron_stgc.data.conversation import ASSISTANT_ROLES, IMAGE_TAG
     from megatron_stgc.data.instruct_text import format_prompt
@@ -213,30 +266,35 @@ def tokenizer_training_texts(index: LlavaIndex, limit: int = 20000) -> list[str]
     return texts
 
 
-def build_llava_dataset(data_path: str, image_root: Optional[str], cache_dir: str, seed: int,
-                        seq_length: int, num_image_tokens: int, image_loader,
+def build_llava_dataset(data_path: list[str] | str, image_root: Optional[str], cache_dir: str,
+                        seed: int, seq_length: int, num_image_tokens: int, image_loader,
                         tokenizer_model: Optional[str] = None, vocab_size: int = 512,
                         allow_image_outside_root: bool = False, chat_template: str = "plain",
-                        pad_to_multiple: int = 1, pack: bool = False
+                        pad_to_multiple: int = 1, pack: bool = False,
+                        grouping: Optional[tuple[int, int]] = None
                         ) -> tuple[LlavaSFTDataset, object]:
-    """The LLaVA data set and its tokenizer (a SentencePiece model trained on the data and
-    cached on first use, unless --tokenizer-model is given). The image token id is the
-    first id past the tokenizer's vocabulary. Let rank 0 call it first (index build)."""
+    """The LLaVA data set over one or more files and its tokenizer (a SentencePiece model
+    trained on the data and cached on first use, unless --tokenizer-model is given). The
+    image token id is the first id past the tokenizer's vocabulary. ``grouping``:
+    (global batch size, micro-batch size) for --group-by-modality-length, else None. Let
+    rank 0 call it first (index build)."""
     from megatron_stgc.data.tokenizer import get_or_train_tokenizer, load_tokenizer
 
     os.makedirs(cache_dir, exist_ok=True)
-    index = LlavaIndex(data_path, image_root=image_root, cache_dir=cache_dir,
-                       allow_image_outside_root=allow_image_outside_root)
+    index = open_llava_mix(data_path, image_root, cache_dir, allow_image_outside_root)
     if len(index) == 0:
-        raise ValueError(f"--data-path {data_path}: no usable records\n{index.report()}")
+        raise DataError(f"--data-path {index.path}: no usable records\n{index.report()}")
     if tokenizer_model is not None:
         tokenizer = load_tokenizer(tokenizer_model)
     else:
         tokenizer = get_or_train_tokenizer(tokenizer_training_texts(index), vocab_size, cache_dir)
+    order = None
+    if grouping is not None:
+        order = ModalityGroupedOrder(index.modality_lengths, seed, *grouping)
     template = _chat_templates.get_template(chat_template)
     _chat_templates.check_tokenizer_fits(template, tokenizer, tokenizer_model)
     dataset = LlavaSFTDataset(index, tokenizer, image_loader, seq_length, num_image_tokens,
                               image_token_id=tokenizer.vocab_size, seed=seed,
                               image_root=image_root, chat_template=template,
-                              pad_to_multiple=pad_to_multiple, pack=pack)
+                              pad_to_multiple=pad_to_multiple, pack=pack, order=order)
     return dataset, tokenizer

@@ -53,7 +53,7 @@ from megatron_stgc.data.record_checks import (
     text_problem,
 )
 
-INDEX_FORMAT_VERSION = 3  # bump when the index layout or validation rules change
+INDEX_FORMAT_VERSION = 4  # bump when the index layout or validation rules change
 
 # Kinds of bad records (BadSampleCounter keys).
 MALFORMED_JSON = "malformed_json"  # not parseable, or not a JSON object
@@ -225,55 +225,83 @@ def is_turn(turn: object) -> bool:
 def classify_record(raw: bytes, number: int, image_root: Optional[str],
                     allow_image_outside_root: bool = False) -> tuple[Optional[str], str]:
     """(bad kind or None, label) of one record's bytes."""
+    kind, label, _ = _classify(raw, number, image_root, allow_image_outside_root)
+    return kind, label
+
+
+def modality_length(record: dict) -> int:
+    """MoE-LLaVA's length of a good record for --group-by-modality-length: the number of
+    whitespace-separated words over all turns, positive with an image, negative without
+    (MoE-LLaVA moellava/train/train.py:956-965, ``modality_lengths``); never 0 (MoE-LLaVA
+    asserts that, llava_trainer.py:62): an empty conversation counts one word."""
+    words = max(1, sum(len(turn["value"].split()) for turn in record["conversations"]))
+    return words if record.get("image") is not None else -words
+
+
+def _classify(raw: bytes, number: int, image_root: Optional[str],
+              allow_image_outside_root: bool) -> tuple[Optional[str], str, Optional[dict]]:
+    """(bad kind or None, label, the parsed record when it is good)."""
     if len(raw) > MAX_RECORD_BYTES:
-        return RECORD_TOO_LARGE, f"#{number}"
+        return RECORD_TOO_LARGE, f"#{number}", None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return NON_UTF8, f"#{number}"
+        return NON_UTF8, f"#{number}", None
     try:
         record = json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        return MALFORMED_JSON, f"#{number}"
+        return MALFORMED_JSON, f"#{number}", None
     label = record_label(record, number)
+    kind = _record_problem(record, image_root, allow_image_outside_root)
+    return kind, label, (record if kind is None else None)
+
+
+def _record_problem(record: object, image_root: Optional[str],
+                    allow_image_outside_root: bool) -> Optional[str]:
+    """The bad kind of a parsed record, or None."""
     if not isinstance(record, dict):
-        return MALFORMED_JSON, label
+        return MALFORMED_JSON
     problem = text_problem(record)
     if problem is not None:
-        return problem, label
+        return problem
     turns = record.get("conversations")
     if not turns:
-        return EMPTY_CONVERSATIONS, label
+        return EMPTY_CONVERSATIONS
     if not isinstance(turns, list) or not all(is_turn(t) for t in turns):
-        return BAD_TURN, label
+        return BAD_TURN
     if not any(t["from"] in ASSISTANT_ROLES for t in turns):
-        return NO_ASSISTANT_TURN, label
+        return NO_ASSISTANT_TURN
     image = record.get("image")
     if image is None:
-        return None, label
+        return None
     if not isinstance(image, str) or not image:
-        return BAD_IMAGE_FIELD, label
+        return BAD_IMAGE_FIELD
     try:
         path = resolve_image_path(image, image_root, allow_image_outside_root)
     except ImagePathRefused:
-        return IMAGE_OUTSIDE_ROOT, label
+        return IMAGE_OUTSIDE_ROOT
     if image_root is not None and not os.path.isfile(path):
-        return MISSING_IMAGE, label
-    return None, label
+        return MISSING_IMAGE
+    return None
 
 
 def validate_spans(data: bytes | mmap.mmap, spans: np.ndarray, image_root: Optional[str],
-                   allow_image_outside_root: bool = False) -> tuple[np.ndarray, BadSampleCounter]:
-    """(spans of the good records int64 [n_good, 2], counter of the bad ones)."""
+                   allow_image_outside_root: bool = False
+                   ) -> tuple[np.ndarray, BadSampleCounter, np.ndarray]:
+    """(spans of the good records int64 [n_good, 2], counter of the bad ones,
+    modality lengths of the good records int32 [n_good])."""
     counter = BadSampleCounter()
     keep = np.ones(len(spans), dtype=bool)
+    lengths = []
     for number, (offset, length) in enumerate(spans.tolist()):
-        kind, label = classify_record(data[offset:offset + length], number, image_root,
-                                      allow_image_outside_root)
+        kind, label, record = _classify(data[offset:offset + length], number, image_root,
+                                        allow_image_outside_root)
         if kind is not None:
             keep[number] = False
             counter.add(kind, label)
-    return spans[keep], counter
+        else:
+            lengths.append(modality_length(record))
+    return spans[keep], counter, np.asarray(lengths, dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------- index
@@ -301,6 +329,11 @@ def index_paths(path: str, cache_dir: Optional[str]) -> tuple[str, str]:
     return stem + ".llava_idx.npy", stem + ".llava_idx.json"
 
 
+def lengths_path(spans_path: str) -> str:
+    """Where the index keeps the good records' modality lengths (int32 [n_good] .npy)."""
+    return spans_path.replace(".llava_idx.npy", ".llava_len.npy")
+
+
 def _write_atomic(target: str, write) -> None:
     tmp = f"{target}.tmp{os.getpid()}"
     write(tmp)
@@ -309,25 +342,32 @@ def _write_atomic(target: str, write) -> None:
 
 def build_index(path: str, image_root: Optional[str], spans_path: str, meta_path: str,
                 allow_image_outside_root: bool = False) -> None:
-    """Scan, validate and save the index (spans first, metadata last, both atomic)."""
+    """Scan, validate and save the index (spans and lengths first, metadata last, atomic)."""
     signature = file_signature(path, image_root, allow_image_outside_root)
     with open(path, "rb") as f, _map_file(f) as data:
         jsonl = is_jsonl(data)
         spans = jsonl_spans(data) if jsonl else json_list_spans(data)
-        good_spans, counter = validate_spans(data, spans, image_root, allow_image_outside_root)
+        good_spans, counter, lengths = validate_spans(data, spans, image_root,
+                                                      allow_image_outside_root)
 
     def write_spans(tmp):
         with open(tmp, "wb") as out:
             np.save(out, good_spans)
 
+    def write_lengths(tmp):
+        with open(tmp, "wb") as out:
+            np.save(out, lengths)
+
     def write_meta(tmp):
         with open(tmp, "w") as out:
             json.dump({"signature": signature, "format": "jsonl" if jsonl else "json",
                        "num_records": int(len(spans)), "num_good": int(len(good_spans)),
+                       "num_with_image": int((lengths > 0).sum()),
                        "bad_samples": counter.to_json()}, out)
 
     os.makedirs(os.path.dirname(os.path.abspath(spans_path)), exist_ok=True)
     _write_atomic(spans_path, write_spans)
+    _write_atomic(lengths_path(spans_path), write_lengths)
     _write_atomic(meta_path, write_meta)
 
 
@@ -353,9 +393,11 @@ class LlavaIndex:
     """Random access to the good records of a LLaVA JSON/JSONL file.
 
     ``spans``: memory-mapped int64 [num_good, 2] (byte offset, byte length).
+    ``modality_lengths``: memory-mapped int32 [num_good], see ``modality_length``.
     ``bad_samples``: the records skipped at build time, by kind.
     Building is idempotent and atomic; on many ranks let rank 0 open it first
-    (the others would otherwise each build the same index).
+    (the others would otherwise each build the same index). Pickling sends the
+    paths; the copy reopens the saved index (data loader workers).
     """
 
     def __init__(self, path: str, image_root: Optional[str] = None,
@@ -372,11 +414,27 @@ class LlavaIndex:
                         allow_image_outside_root)
             self.rebuilt = True
             meta = self._load_meta()
+        self._open(meta)
+
+    def _open(self, meta: dict) -> None:
         self.format: str = meta["format"]
         self.num_records: int = meta["num_records"]  # good + bad
+        self.num_with_image: int = meta["num_with_image"]  # good records with an image
         self.bad_samples = BadSampleCounter.from_json(meta["bad_samples"])
         self.spans: np.ndarray = np.load(self.spans_path, mmap_mode="r")
-        self._fd = os.open(path, os.O_RDONLY)
+        self.modality_lengths: np.ndarray = np.load(lengths_path(self.spans_path),
+                                                    mmap_mode="r")
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "image_root": self.image_root,
+                "allow_image_outside_root": self.allow_image_outside_root,
+                "spans_path": self.spans_path, "meta_path": self.meta_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.rebuilt = False
+        self._open(self._load_meta())
 
     def _load_meta(self) -> Optional[dict]:
         try:
@@ -411,6 +469,7 @@ class LlavaIndex:
             os.close(self._fd)
             self._fd = -1
         self.spans = None
+        self.modality_lengths = None
 
     def __enter__(self) -> "LlavaIndex":
         return self

@@ -48,12 +48,11 @@ def training_tokenizer_path(config: RunConfig) -> str:
             raise ConfigError("eval needs --tokenizer-model, or --data-path and the run's cache "
                               "to find the tokenizer the training run trained")
         from megatron_stgc.data.llava_dataset import tokenizer_training_texts
-        from megatron_stgc.data.llava_index import LlavaIndex
+        from megatron_stgc.data.llava_mix import open_llava_mix
 
-        index = LlavaIndex(config.data.data_path, image_root=config.data.image_root,
-                           cache_dir=cache,
-                           allow_image_outside_root=config.data.allow_image_outside_root)
-        texts = tokenizer_training_texts(index)
+        mix = open_llava_mix(config.data.data_path, config.data.image_root, cache,
+                             config.data.allow_image_outside_root)  # as training opened it
+        texts = tokenizer_training_texts(mix)
     else:
         from megatron_stgc.data.dataset import text_conversations, tokenizer_texts
 

@@ -1,11 +1,15 @@
-"""Per-step logging: a progress line, a JSONL record per step, optional TensorBoard.
+"""Logging on log steps: a progress line, a JSONL record, optional TensorBoard.
 
-Only rank 0 writes. A JSONL record is one JSON object per line with at least
-``iteration``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_second`` (real tokens:
-padding positions are not counted), ``real_token_fraction`` (real / computed positions),
-``step_time_s``, ``moe/load_balancing_loss`` (for MoE models),
-``tokens_per_expert`` ({"layer_<n>": [...]}, padding not counted) and every value produced
-by the sources in ``training.metrics``.
+Only rank 0 writes. The training loop calls ``log`` on log steps only (every
+``--log-interval`` steps, at checkpoint saves and at the run's last step), each
+record covering the steps since the previous one (``steps``; what each value means:
+training/interval_metrics.py). A JSONL record is one JSON object per line with at
+least ``iteration``, ``steps``, ``loss``, ``lr``, ``grad_norm``,
+``tokens_per_second`` (real tokens: padding positions are not counted),
+``real_token_fraction`` (real / computed positions), ``step_time_s``,
+``moe/load_balancing_loss`` (for MoE models), ``tokens_per_expert``
+({"layer_<n>": [...]}, padding not counted) and every value produced by the sources in
+``training.metrics``.
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ def _format(value: Any) -> str:
 
 
 class StepLogger:
-    """Writes per-step records (call ``log`` on every rank; only rank 0 writes)."""
+    """Writes log records (call ``log`` on every rank; only rank 0 writes)."""
 
-    def __init__(self, rank: int, train_iters: int, log_interval: int = 1,
-                 log_file: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+    def __init__(self, rank: int, train_iters: int, log_file: Optional[str] = None,
+                 tensorboard_dir: Optional[str] = None,
                  progress_keys: tuple[str, ...] = PROGRESS_KEYS, stream=None):
         self.is_writer = rank == 0
         self.train_iters = train_iters
-        self.log_interval = log_interval
         self.progress_keys = progress_keys
         self.stream = stream or sys.stdout
         self.jsonl = None
@@ -60,11 +63,10 @@ class StepLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "iteration":
                     self.tensorboard.add_scalar(key, value, iteration)
-        if iteration % self.log_interval == 0 or iteration == self.train_iters:
-            parts = [f"step {iteration}/{self.train_iters}"]
-            parts += [f"{key} {_format(record[key])}" for key in self.progress_keys
-                      if key in record and record[key] is not None]
-            print(" | ".join(parts), file=self.stream, flush=True)
+        parts = [f"step {iteration}/{self.train_iters}"]
+        parts += [f"{key} {_format(record[key])}" for key in self.progress_keys
+                  if key in record and record[key] is not None]
+        print(" | ".join(parts), file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
         if self.is_writer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -20,21 +19,23 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_stgc import parallel
-from megatron_stgc.mcore_compat import report_moe_metrics
-from megatron_stgc.config import RunConfig, moe_layer_freq_value, validate_run_config
-from megatron_stgc.data.dataset import PackedDataset, build_dataset, micro_batches
+from megatron_stgc.config import RunConfig, validate_run_config
+from megatron_stgc.data.data_errors import (MIN_BAD_IN_USE, check_in_use_health,
+                                            check_index_health, check_text_health)
+from megatron_stgc.data.dataset import PackedDataset, build_dataset
+from megatron_stgc.data.loader import BatchStream
 from megatron_stgc.data.tokenizer import Tokenizer
-from megatron_stgc.training import elastic, metrics
+from megatron_stgc.training import elastic
 from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint, read_tracker,
                                                save_checkpoint)
 from megatron_stgc.training.expert_load import ExpertLoadCounter
 from megatron_stgc.training.guards import install_nonfinite_guard
+from megatron_stgc.training.interval_metrics import IntervalMetrics, is_log_step
 from megatron_stgc.training.logging import StepLogger
 from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
 from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
                                                unregister_stgc_metrics)
 from megatron_stgc.training.ltdr_hooks import register_ltdr_metrics, unregister_ltdr_metrics
-from megatron_stgc.training.step import StepResult
 from megatron_stgc.routing.spec import set_router_step
 
 
@@ -67,6 +68,9 @@ def build_vision_language_data(config: RunConfig):
     from megatron_stgc.model.vision import num_image_tokens
 
     loader = image_preprocessor(config)
+    grouping = None
+    if config.data.group_by_modality_length:
+        grouping = (config.training.global_batch_size, config.training.micro_batch_size)
     return build_llava_dataset(
         config.data.data_path, config.data.image_root, cache_dir_for(config),
         seed=config.training.seed, seq_length=config.model.seq_length,
@@ -74,7 +78,8 @@ def build_vision_language_data(config: RunConfig):
         tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
         allow_image_outside_root=config.data.allow_image_outside_root,
         chat_template=config.data.chat_template,
-        pad_to_multiple=sequence_multiple(config), pack=config.data.use_packed_sequence)
+        pad_to_multiple=sequence_multiple(config), pack=config.data.use_packed_sequence,
+        grouping=grouping)
 
 
 def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
@@ -129,56 +134,23 @@ def num_microbatches(config: RunConfig) -> int:
     return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
 
 
-def global_step_totals(result: StepResult) -> dict[str, float]:
-    """Over the whole global batch (all DP ranks, one all-reduce): the token-weighted mean LM
-    loss, the real (non-padding) token positions and all computed positions."""
-    totals = torch.zeros(4, dtype=torch.float64, device=parallel.collective_device())
-    for micro_batch in result.losses:
-        totals[:2] += micro_batch["lm_loss"].to(totals)
-        totals[2:] += micro_batch["positions"].to(totals)
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    loss_sum, loss_tokens, real, computed = totals.tolist()
-    return {"loss": loss_sum / max(loss_tokens, 1.0), "real_tokens": real,
-            "computed_positions": computed}
-
-
-def moe_aux_losses(config: RunConfig, n_micro: int) -> dict[str, float]:
-    """megatron-core's tracked MoE losses (mean over MoE layers and micro-batches)."""
-    if config.model.num_experts is None:
-        return {}
-    totals = report_moe_metrics(loss_scale=1.0 / n_micro, num_layers=config.model.num_layers,
-                                moe_layer_freq=moe_layer_freq_value(config))
-    return {f"moe/{name}": value for name, value in totals.items()}
-
-
-def step_record(config: RunConfig, progress: TrainProgress, result: StepResult,
-                step_time: float, n_micro: int, expert_load: ExpertLoadCounter) -> dict[str, Any]:
-    totals = global_step_totals(result)
-    record: dict[str, Any] = {
-        "iteration": progress.iteration,
-        "consumed_samples": progress.consumed_samples,
-        "loss": totals["loss"],
-        "lr": result.lr,
-        "grad_norm": result.grad_norm,
-        "update_successful": result.update_successful,
-        "step_time_s": step_time,
-        "tokens_per_second": totals["real_tokens"] / step_time,  # padding not counted
-        "real_token_fraction": totals["real_tokens"] / max(totals["computed_positions"], 1.0),
-    }
-    record.update(moe_aux_losses(config, n_micro))
-    record["tokens_per_expert"] = expert_load.collect()
-    if expert_load.by_modality:
-        record["tokens_per_expert_by_modality"] = expert_load.collect_by_modality()
-    record.update(metrics.collect_registered_metrics())
-    return record
-
-
 def global_bad_sample_count(dataset) -> int:
     """Records found unusable while loading batches, summed over data-parallel ranks."""
     total = torch.tensor([dataset.bad_samples.total], dtype=torch.long,
                          device=parallel.collective_device())
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return int(total)
+
+
+def merged_bad_samples(dataset):
+    """The in-use bad-sample counters of the data-parallel ranks, merged (collective; the
+    ranks of a tensor-parallel group read the same data and are counted once)."""
+    from megatron_stgc.data.llava_index import BadSampleCounter
+
+    group = parallel_state.get_data_parallel_group()
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, dataset.bad_samples, group=group)
+    return BadSampleCounter.merged(gathered)
 
 
 def data_report(dataset) -> str:
@@ -190,6 +162,20 @@ def data_report(dataset) -> str:
     merged = BadSampleCounter.merged([counter for counter, _ in gathered])
     return dataset.report(merged, sum(truncated for _, truncated in gathered),
                           scope=" (all ranks)")
+
+
+def check_data_before_training(config: RunConfig, dataset, logger: StepLogger) -> None:
+    """Print the index report (records usable per file, bad kinds, modalities) and stop when
+    the data cannot train this run (data/data_errors.py); the same decision on every rank."""
+    index = getattr(dataset, "index", None)
+    if index is not None:
+        logger.message(index.report())
+        check_index_health(index, config.data.max_bad_sample_fraction,
+                           needs_images=config.vision.vision_model_type is not None)
+    bad = getattr(dataset, "bad_records", None)  # the text-only loader's
+    if bad is not None:
+        logger.message(bad.report().replace("bad samples:", "bad records in --data-path:"))
+        check_text_health(bad, dataset.num_records, config.data.max_bad_sample_fraction)
 
 
 def data_state_of(dataset) -> Optional[dict]:
@@ -213,41 +199,70 @@ def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLog
     return progress
 
 
+def batch_stream(config: RunConfig, dataset, progress: TrainProgress) -> BatchStream:
+    """This rank's micro-batches from the resumed step on (--num-workers ahead of the step)."""
+    t = config.training
+    return BatchStream(dataset, t.global_batch_size, t.micro_batch_size,
+                       parallel_state.get_data_parallel_rank(),
+                       parallel_state.get_data_parallel_world_size(),
+                       start_step=progress.iteration, end_step=t.train_iters,
+                       num_workers=config.data.num_workers)
+
+
+def log_interval_record(config: RunConfig, interval: IntervalMetrics, progress: TrainProgress,
+                        guard, dataset) -> dict[str, Any]:
+    """Reduce the steps since the last log step into one record; check loss and data."""
+    record, losses = interval.record(progress.iteration, progress.consumed_samples)
+    record["skipped_steps"] = guard.skipped_steps
+    if hasattr(dataset, "bad_samples"):
+        record["bad_samples_in_use"] = global_bad_sample_count(dataset)
+    for loss in losses:
+        guard.check_loss(loss)
+    if record.get("bad_samples_in_use", 0) >= MIN_BAD_IN_USE:  # the same on every rank
+        check_in_use_health(merged_bad_samples(dataset), progress.consumed_samples,
+                            config.data.max_bad_sample_fraction)
+    return record
+
+
 def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDataset,
                progress: TrainProgress, logger: StepLogger) -> list[dict[str, Any]]:
-    """Steps from ``progress`` to --train-iters (or --exit-interval); saves as configured."""
+    """Steps from ``progress`` to --train-iters (or --exit-interval); saves as configured.
+    Returns the log records (one per log step, see training/interval_metrics.py)."""
     t, ckpt = config.training, config.checkpoint
     n_micro = num_microbatches(config)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
     expert_load = ExpertLoadCounter(objects.unwrapped_model)
     guard = install_nonfinite_guard(objects.model, objects.optimizer, t.nan_policy)
+    interval = IntervalMetrics(config, expert_load, n_micro)
+    stream = batch_stream(config, dataset, progress)
     records = []
     last_saved = progress.iteration if config.checkpoint.load else None
     started_at = progress.iteration
-    while progress.iteration < t.train_iters:
-        start = time.perf_counter()
-        guard.iteration = progress.iteration + 1
-        batches = micro_batches(dataset, progress.consumed_samples, t.global_batch_size,
-                                t.micro_batch_size, dp_rank, dp_size)
-        set_router_step(objects.model, progress.iteration)  # Gumbel noise keyed on the step
-        result = run_train_step(config, objects, batches, n_micro, progress.iteration)
-        step_time = time.perf_counter() - start
-        progress.iteration += 1
-        progress.consumed_samples += t.global_batch_size
-        record = step_record(config, progress, result, step_time, n_micro, expert_load)
-        record["skipped_steps"] = guard.skipped_steps
-        if hasattr(dataset, "bad_samples"):
-            record["bad_samples_in_use"] = global_bad_sample_count(dataset)
-        logger.log(record)
-        guard.check_loss(record["loss"])
-        records.append(record)
-        if ckpt.save and ckpt.save_interval and progress.iteration % ckpt.save_interval == 0:
-            save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
-                            keep_last=ckpt.keep_last, data_state=data_state_of(dataset))
-            last_saved = progress.iteration
-        if t.exit_interval and progress.iteration - started_at >= t.exit_interval:
-            break
+    try:
+        while progress.iteration < t.train_iters:
+            guard.iteration = progress.iteration + 1
+            set_router_step(objects.model, progress.iteration)  # Gumbel noise keyed on the step
+            result = run_train_step(config, objects, stream.next_step(), n_micro,
+                                    progress.iteration)
+            progress.iteration += 1
+            progress.consumed_samples += t.global_batch_size
+            interval.add_step(result)
+            saving = bool(ckpt.save and ckpt.save_interval
+                          and progress.iteration % ckpt.save_interval == 0)
+            exiting = bool(t.exit_interval and progress.iteration - started_at >= t.exit_interval)
+            last = exiting or progress.iteration == t.train_iters
+            if is_log_step(config, progress.iteration, saving, last):
+                record = log_interval_record(config, interval, progress, guard, dataset)
+                logger.log(record)
+                records.append(record)
+            if saving:
+                save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler,
+                                progress, keep_last=ckpt.keep_last,
+                                data_state=data_state_of(dataset))
+                last_saved = progress.iteration
+            if exiting:
+                break
+    finally:
+        stream.close()
     if ckpt.save and last_saved != progress.iteration:
         save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
                         keep_last=ckpt.keep_last, data_state=data_state_of(dataset))
@@ -284,11 +299,11 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
     try:
         dataset, tokenizer, objects = build_run(config)
         logger = StepLogger(dist.get_rank(), config.training.train_iters,
-                            config.logging.log_interval, config.logging.log_file,
-                            config.logging.tensorboard_dir)
+                            config.logging.log_file, config.logging.tensorboard_dir)
         logger.message(_describe(config, objects, tokenizer, dataset))
         for note in objects.notes:
             logger.message(note)
+        check_data_before_training(config, dataset, logger)
         progress = resume_or_start(config, objects, logger, dataset)
         register_stgc_metrics(config, objects)
         register_ltdr_metrics(config, objects)
