@@ -192,6 +192,23 @@ def record_moe_metric(name: str, value: torch.Tensor, layer_number: int, num_lay
                                reduce_group=None, avg_group=None)
 
 
+def reset_moe_metrics() -> None:
+    """Empty megatron's process-global MoE metric tracker(s). The tracker sizes each metric by
+    the num_layers it first sees, so a model built in the same process after one with fewer
+    layers would index past it (seen: a 1-layer model, then a 2-layer one)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    except ImportError:  # 0.16, 0.17
+        pass
+    else:
+        destroy_moe_metrics_tracker()
+    from megatron.core.transformer.moe import moe_utils
+
+    legacy = getattr(moe_utils, "get_moe_layer_wise_logging_tracker", None)
+    if legacy is not None:  # 0.16-0.18
+        legacy().clear()
+
+
 def report_moe_metrics(loss_scale: float, num_layers: int, moe_layer_freq) -> dict[str, float]:
     """megatron's tracked MoE metrics, reduced and averaged over MoE layers, then cleared.
 

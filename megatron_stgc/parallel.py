@@ -17,6 +17,17 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def free_port() -> int:
+    """A local port free now, for processes spawned together that must agree on one before
+    any of them binds it (another process may take it meanwhile: one-process groups use
+    ``initialize_distributed``'s port-0 store instead)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def initialize_distributed(timeout_minutes: int = 10) -> None:
     """Create the default process group: NCCL on GPU, gloo on CPU (bridge installed).
 

@@ -135,7 +135,7 @@ def _vision_run(**overrides) -> dict:
     return {**dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_experts=4,
                    vision_model_type="siglip", vision_hidden_size=32,
                    vision_num_attention_heads=4, img_h=16, img_w=16, patch_dim=4,
-                   data_path=__file__), **overrides}
+                   data_path=__file__, image_root="."), **overrides}
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -20,7 +20,7 @@ import torch
 from packaging.version import Version
 
 from megatron_stgc.config import config_from_flat, load_yaml
-from megatron_stgc.model.gpt import GPU_WITH_TE, transformer_config_kwargs
+from megatron_stgc.model.gpt import GPU_WITH_TE, gelu_tanh, transformer_config_kwargs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml")))
@@ -67,17 +67,21 @@ def test_example_gpu_flags_run_an_expert_mlp_with_routing_probabilities(name, te
 
 
 def test_the_old_fusion_rule_is_caught(te_version_stated):
-    """What 0680c6e picked on a GPU (bias+activation fusion for every model) fails both checks:
-    GELU without bias in TransformerConfig, GELU with bias in the expert forward."""
+    """What 0680c6e picked on a GPU (bias+activation fusion for every model) fails: GELU without
+    bias and Phi-2's gelu_new in TransformerConfig, GELU with bias in the expert forward."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     tiny = _gpu_kwargs(_example("tiny_moe_cpu.yaml", None))
     with pytest.raises(ValueError, match="add_bias_linear must also be True"):
         TransformerConfig(**dict(tiny, bias_activation_fusion=True))
     phi2 = _gpu_kwargs(_example("phi2_2.7b_moe.yaml", None))
-    assert TransformerConfig(**dict(phi2, bias_activation_fusion=True)).add_bias_linear
+    assert phi2["activation_func"] is gelu_tanh  # Phi-2's gelu_new: no fused kernel at all
+    with pytest.raises(ValueError, match="activation function should be either gelu"):
+        TransformerConfig(**dict(phi2, bias_activation_fusion=True))
+    gelu_with_bias = dict(phi2, activation_func=torch.nn.functional.gelu)
+    assert TransformerConfig(**dict(gelu_with_bias, bias_activation_fusion=True)).add_bias_linear
     with pytest.raises(ValueError, match="Only support fusion of swiglu and quick_gelu"):
-        _run_expert(dict(phi2, bias_activation_fusion=True))
+        _run_expert(dict(gelu_with_bias, bias_activation_fusion=True))
 
 
 def _run_expert(kwargs: dict):

@@ -9,7 +9,7 @@ import pytest
 from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
 
 VISION = ["--vision-model-type", "clip", "--vision-hidden-size", "64", "--img-h", "32",
-          "--img-w", "32", "--patch-dim", "8", "--data-path", __file__]
+          "--img-w", "32", "--patch-dim", "8", "--data-path", __file__, "--image-root", "."]
 
 BAD = [
     (["--num-experts", "none", "--moe-eval-capacity-factor", "2"],

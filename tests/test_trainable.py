@@ -18,7 +18,7 @@ FLAGS = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_siz
              moe_ffn_hidden_size=64, num_experts=4, moe_router_topk=2, moe_layer_freq=2,
              moe_aux_loss_coeff=0.0, seq_length=24, vision_model_type="clip",
              vision_num_layers=2, vision_hidden_size=16, vision_num_attention_heads=2,
-             img_h=8, img_w=8, patch_dim=4, data_path=__file__)
+             img_h=8, img_w=8, patch_dim=4, data_path=__file__, image_root=".")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,7 +130,7 @@ def test_selections_that_select_nothing_or_contradict_are_errors():
     (dict(trainable_modules="dense-ffn", freeze_lm=True),
      "--trainable-modules dense-ffn contradicts --freeze-lm"),
     (dict(trainable_modules=" , "), "--trainable-modules is empty"),
-    (dict(trainable_modules="vision", vision_model_type=None),
+    (dict(trainable_modules="vision", vision_model_type=None, image_root=None),
      "--trainable-modules vision needs --vision-model-type"),
 ])
 def test_config_errors_name_the_flags(flags, message):

@@ -507,12 +507,12 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     args = parse_args(argv)
-    from megatron_stgc.parallel import _free_port
+    from megatron_stgc.parallel import free_port
 
     if torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         sys.exit(f"--world-size {args.world_size} needs that many GPUs (NCCL: one process per "
                  f"GPU); this machine has {torch.cuda.device_count()}")
-    mp.spawn(rank_main, args=(args, _free_port()), nprocs=args.world_size, join=True)
+    mp.spawn(rank_main, args=(args, free_port()), nprocs=args.world_size, join=True)
 
 
 if __name__ == "__main__":

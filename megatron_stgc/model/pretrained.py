@@ -57,7 +57,6 @@ def pretrained_vocab_rows(path: str) -> Optional[int]:
 def fitted_vocab_rows(config: RunConfig, tokenizer_size: int, extra: int) -> Optional[int]:
     """The --pretrained-checkpoint's embedding rows, after checking that the tokenizer's ids
     (+ ``extra``: the image token) fit them; None when it holds no language model."""
-    from megatron_stgc.config import ConfigError
 
     path = config.vision.pretrained_checkpoint
     rows = pretrained_vocab_rows(path)

@@ -83,6 +83,9 @@ def build_model(config: RunConfig, vocab_size: int,
                 image_token_id: Optional[int] = None) -> tuple[torch.nn.Module, list[str]]:
     """GPTModel, or MoELLaVAModel with --vision-model-type; pretrained weights and freezing
     applied. Returns (model, notes for the log)."""
+    from megatron_stgc.mcore_compat import reset_moe_metrics
+
+    reset_moe_metrics()  # a new model starts from megatron's empty per-layer metric tracker
     model = build_gpt_model(config, vocab_size)
     if config.vision.vision_model_type is not None:
         from megatron_stgc.model.llava import build_llava_model

@@ -25,17 +25,18 @@ def init_single_rank(device: str) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_stgc import cpu_bridge
-    from megatron_stgc.parallel import _free_port
 
     cpu_bridge.install()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)  # port 0: no race
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     if device == "cuda":
         torch.cuda.set_device(0)
         # full fp32 matmuls (NGC images allow TF32 by default); oracle-tf32 turns it back on
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=0,
+                            world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
 
