@@ -1,6 +1,6 @@
 """Where the megatron-core releases this package supports differ: the one place that knows.
 
-Supported (each run by CI, see README "megatron-core versions"): 0.16.1, 0.17.1, 0.18.2,
+Supported (each run by CI, see docs/TESTING.md "megatron-core versions"): 0.16.1, 0.17.1, 0.18.2,
 0.19.2. Everything else in the package reads megatron-core through surfaces that are the
 same in all four; the surfaces below changed shape between them.
 

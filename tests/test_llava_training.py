@@ -189,7 +189,7 @@ def test_a_fresh_run_repeats_every_loss_exactly(trained, tmp_path):
     """Same command and seed, fresh directories (data built anew, tokenizer trained anew, no
     cache), batches made in the training process instead of 2 DataLoader workers: the first
     10 steps give bit-identical losses and gradient norms on this machine.
-    (Across machines the numbers differ: README, "Reproducibility".)"""
+    (Across machines the numbers differ: docs/MAIN_JOB.md, "Reproducibility".)"""
     mix = build_digits_mix(str(tmp_path / "data"))
     run = str(tmp_path / "run")
     flags = ["--config", EXAMPLE, "--data-path", mix["train"], "--image-root", mix["image_root"],

@@ -7,7 +7,7 @@ Autograd nodes hold their record, so micro-batches in flight never mix.
 
 ``LayerSTGCState`` is what the layer owns: the config, the record of the forward
 in progress, the two-pass queue, running metrics and ``last``, the report of the
-last backward (documented in README, section STGC).
+last backward (documented in docs/ARCHITECTURE.md, section STGC).
 """
 
 from __future__ import annotations
