@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_stgc.config_help import did_you_mean, field_help
 from megatron_stgc.ltdr.config import LTDRConfig
 from megatron_stgc.stgc.config import STGCConfig
 
@@ -28,33 +29,36 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 4
-    hidden_size: int = 64
+    num_layers: int = 4  # decoder layers of the language model
+    hidden_size: int = 64  # width of the language model's hidden states
     ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
     moe_ffn_hidden_size: Optional[int] = None  # default ffn_hidden_size
-    num_attention_heads: int = 4
+    num_attention_heads: int = 4  # attention heads of the language model
     num_query_groups: Optional[int] = None  # grouped-query attention: K/V heads (None = no GQA)
-    seq_length: int = 64
-    num_experts: Optional[int] = 4
-    moe_router_topk: int = 2
+    seq_length: int = 64  # tokens per sample (image tokens included); also the maximum position
+    num_experts: Optional[int] = 4  # experts per MoE layer; none = a dense model (no MoE layer)
+    moe_router_topk: int = 2  # experts each token is routed to
     # softmax before top-k; None = on for top-1 (megatron-core requires it there), else off
     moe_router_pre_softmax: Optional[bool] = None
     moe_layer_freq: int = 2  # MoE on every N-th layer (MoE-LLaVA: every other)
-    moe_aux_loss_coeff: float = 0.01
+    moe_aux_loss_coeff: float = 0.01  # weight alpha of the load-balancing loss
+    # tokens an expert takes at most, as a multiple of its even share; the rest are dropped
+    # (None = no dropping; MoE-LLaVA: 1.5)
     moe_expert_capacity_factor: Optional[float] = None
-    moe_token_dispatcher_type: str = "alltoall"
-    add_bias_linear: bool = False
-    position_embedding_type: str = "rope"
-    normalization: str = "LayerNorm"
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
+    moe_token_dispatcher_type: str = "alltoall"  # how tokens reach their experts' ranks
+    add_bias_linear: bool = False  # biases on all linear layers (Phi-2)
+    position_embedding_type: str = "rope"  # rotary, learned absolute or no position embedding
+    normalization: str = "LayerNorm"  # the norm of every block
+    hidden_dropout: float = 0.0  # dropout after attention and MLP
+    attention_dropout: float = 0.0  # dropout on the attention probabilities
+    init_method_std: float = 0.02  # standard deviation of the random weight initialisation
+    # a separate LM head instead of the input embedding's transpose
     untie_embeddings_and_output_weights: bool = False
     swiglu: bool = False  # gated SiLU FFN (StableLM-2, LLaMA)
     add_qkv_bias: bool = False  # bias on the QKV projection only (StableLM-2)
     rotary_percent: float = 1.0  # fraction of each head's dims rotated (StableLM-2: 0.25)
-    rotary_base: int = 10000
-    norm_epsilon: float = 1e-5
+    rotary_base: int = 10000  # base of the rotary position embedding's frequencies
+    norm_epsilon: float = 1e-5  # epsilon of the norms
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     use_te: Optional[bool] = None  # None = TE spec when CUDA is available
     # MoE placement as one 0/1 per layer ("1,0,1,0"; megatron-core's list form of
@@ -86,13 +90,13 @@ class VisionConfig:
     """The vision tower and projector of a LLaVA-style model; off when vision_model_type is None."""
 
     vision_model_type: Optional[str] = None  # None = text-only GPT | "clip" | "siglip"
-    vision_num_layers: int = 2
-    vision_hidden_size: int = 64
+    vision_num_layers: int = 2  # ViT layers (LLaVA reads CLIP-L/336 at its 23rd of 24)
+    vision_hidden_size: int = 64  # ViT width
     vision_ffn_hidden_size: Optional[int] = None  # default 4 * vision_hidden_size
-    vision_num_attention_heads: int = 4
-    img_h: int = 32
-    img_w: int = 32
-    patch_dim: int = 8
+    vision_num_attention_heads: int = 4  # ViT attention heads
+    img_h: int = 32  # image height in pixels after preprocessing
+    img_w: int = 32  # image width in pixels after preprocessing
+    patch_dim: int = 8  # ViT patch size in pixels (img_h / patch_dim x img_w / patch_dim patches)
     disable_vision_class_token: bool = True  # drop the class token's output (LLaVA)
     freeze_vit: bool = False  # no updates to the vision tower
     freeze_projection: bool = False  # no updates to the vision-to-language projector
@@ -113,34 +117,35 @@ class VisionConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # ranks each layer's weights are split over (TP)
+    expert_model_parallel_size: int = 1  # ranks the experts of a layer are spread over (EP)
     # tensor parallelism inside each expert; None = megatron-core's default, the TP size
     # (STGC needs 1: with --stgc and TP > 1 set --expert-tensor-parallel-size 1)
     expert_tensor_parallel_size: Optional[int] = None
+    # optimizer state sharded over data-parallel ranks (megatron-core's distributed optimizer)
     use_distributed_optimizer: bool = False
 
 
 @dataclass
 class PrecisionConfig:
-    bf16: bool = False
+    bf16: bool = False  # BF16 parameters and activations; fp32 main grads, optimizer and router
     fp8_format: Optional[str] = None  # "e4m3" | "hybrid"; passed to Transformer Engine
 
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    train_iters: int = 100
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_decay_style: str = "cosine"
-    lr_warmup_fraction: float = 0.03
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    seed: int = 1234
+    micro_batch_size: int = 4  # samples per forward on each data-parallel rank
+    global_batch_size: int = 8  # samples per optimizer step over all ranks (accumulation fills it)
+    train_iters: int = 100  # optimizer steps of the run
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    lr_decay_style: str = "cosine"  # learning-rate decay after warmup (megatron-core's scheduler)
+    lr_warmup_fraction: float = 0.03  # warmup steps as a fraction of --train-iters
+    weight_decay: float = 0.0  # AdamW weight decay
+    clip_grad: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2 (MoE-LLaVA, Hugging Face's AdamW: 0.999)
+    seed: int = 1234  # seed of weights, data order and dropout
     exit_interval: Optional[int] = None  # stop (and save) after this many steps of this run
     nan_policy: str = "abort"  # NaN/inf loss or gradient: "abort" the run or "skip" the update
 
@@ -188,17 +193,17 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
+    save: Optional[str] = None  # folder checkpoints are written to
+    load: Optional[str] = None  # folder to resume from (its newest checkpoint); may equal --save
+    save_interval: Optional[int] = None  # save every N steps (and always at the end)
     keep_last: Optional[int] = None  # keep only the newest K checkpoints (None = keep all)
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
-    log_file: Optional[str] = None
-    tensorboard_dir: Optional[str] = None
+    log_interval: int = 1  # a progress line and a JSONL record every N steps
+    log_file: Optional[str] = None  # JSONL file of the log records (appended on resume)
+    tensorboard_dir: Optional[str] = None  # TensorBoard event folder (needs tensorboard installed)
 
 
 SECTIONS = {
@@ -277,8 +282,8 @@ def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
             flat[key] = value
     unknown = sorted(k for k in flat if k not in table)
     if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown}; known flags are "
-                          f"{sorted(flag(k) for k in table)}")
+        raise ConfigError("\n".join(
+            f"{source}: unknown key {k!r}" + did_you_mean(k, table) for k in unknown))
     return flat
 
 
@@ -321,15 +326,37 @@ def _parse_optional(typ: type):
     return parse
 
 
+class FlagParser(argparse.ArgumentParser):
+    """An unknown or malformed flag: one line with the closest known flags, not the usage
+    of every flag (``--help`` lists them)."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            known = [o for a in self._actions for o in a.option_strings
+                     if a.help != argparse.SUPPRESS]
+            words = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]
+            message = "; ".join(f"unrecognized argument {w}" + did_you_mean(w, known)
+                                for w in words) or message
+        self.exit(2, f"{self.prog}: error: {message}\n"
+                     f"run `{self.prog} --help` for the flags\n")
+
+
+def _help_text(section: str, f: dataclasses.Field) -> str:
+    """The field's comment in its dataclass (config_help.py), its section and default."""
+    cls = {"stgc": STGCConfig, "ltdr": LTDRConfig}.get(section) or SECTIONS[section]
+    default = "" if f.default is dataclasses.MISSING else f"; default: {f.default!r}"
+    return f"{field_help(cls)[f.name]} [{section}{default}]".replace("%", "%%")
+
+
 def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """Add one flag per config field; a flag not given is absent from the namespace
     (so ``--num-experts none`` can set a field to None)."""
-    parser = parser or argparse.ArgumentParser(prog="megatron-stgc train",
-                                               argument_default=argparse.SUPPRESS)
+    parser = parser or FlagParser(prog="megatron-stgc train", argument_default=argparse.SUPPRESS,
+                                  allow_abbrev=False)  # as Megatron-LM: a typo is no prefix
     parser.add_argument("--config", default=None, help="YAML file; flags override its keys")
     for key, (section, f) in _flag_table().items():
         typ = _field_type(f)
-        help_text = f"[{section}] default: {f.default!r}" if f.default is not dataclasses.MISSING else section
+        help_text = _help_text(section, f)
         if typ is list:
             # Megatron-style: --data-path a.json b.json (``none`` alone: unset)
             parser.add_argument(flag(key), dest=key, nargs="+", help=help_text)
@@ -379,7 +406,7 @@ def config_from_flat(values: dict[str, Any]) -> RunConfig:
     config = RunConfig()
     for key, value in values.items():
         if key not in table:
-            raise ConfigError(f"unknown setting {flag(key)}")
+            raise ConfigError(f"unknown setting {flag(key)}" + did_you_mean(key, table, flag))
         section, f = table[key]
         setattr(getattr(config, section), f.name, _coerce(key, f, value))
     return config
