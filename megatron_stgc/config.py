@@ -21,10 +21,8 @@ import yaml
 from megatron_stgc.config_help import did_you_mean, field_help
 from megatron_stgc.ltdr.config import LTDRConfig
 from megatron_stgc.stgc.config import STGCConfig
-
-
-class ConfigError(ValueError):
-    """A configuration error, raised before any process group is created."""
+from megatron_stgc.problems import (ConfigError, check, collect_problems, raise_problems,
+                                    require)
 
 
 @dataclass
@@ -426,9 +424,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     return config_from_flat(values)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+_require = require  # records the problem inside collect_problems, else raises ConfigError
 
 
 def fill_defaults(config: RunConfig) -> RunConfig:
@@ -446,11 +442,28 @@ def fill_defaults(config: RunConfig) -> RunConfig:
 
 
 def validate_run_config(config: RunConfig, world_size: int, training: bool = True) -> None:
-    """Check a RunConfig for a run on ``world_size`` processes; raise ConfigError naming the flag.
+    """Check a RunConfig for a run on ``world_size`` processes; raise one ConfigError that
+    lists every problem found (``.problems``), each naming its flag.
 
-    Call before torch.distributed is initialised. ``training=False`` (eval): the batch-size
-    flags need not fit this world size, and a vision-language model needs no --data-path.
+    Needs no process group: call before torch.distributed is initialised (``megatron-stgc
+    validate --world-size N`` checks a many-rank config in one process). ``training=False``
+    (eval): the batch-size flags need not fit this world size, and a vision-language model
+    needs no --data-path. megatron-core's own TransformerConfig checks run last, and only
+    when nothing else was found (their errors would repeat ours).
     """
+    raise_problems(config_problems(config, world_size, training))
+
+
+def config_problems(config: RunConfig, world_size: int, training: bool = True) -> list[str]:
+    """Every problem of ``config`` for ``world_size`` processes (empty: valid)."""
+    problems = collect_problems([lambda: _validate_flags(config, world_size, training)])
+    if not problems:
+        problems = collect_problems([lambda: _validate_with_megatron_core(config)])
+    return problems
+
+
+def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
+    """The checks of validate_run_config but megatron-core's."""
     fill_defaults(config)
     m, p, t, pr = config.model, config.parallel, config.training, config.precision
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -566,7 +579,7 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
              f"--log-interval must be >= 1, got {config.logging.log_interval}")
     _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
              f"--vocab-size must be >= 64, got {config.data.vocab_size}")
-    _validate_data(config)
+    check(_validate_data, config)
     if config.data.tokenizer_model is not None:
         _require(os.path.exists(config.data.tokenizer_model),
                  f"--tokenizer-model: {config.data.tokenizer_model} does not exist (a "
@@ -582,7 +595,7 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
              f"--keep-last must be >= 1, got {config.checkpoint.keep_last}")
     _require(config.checkpoint.keep_last is None or config.checkpoint.save is not None,
              "--keep-last needs --save")
-    _validate_load_tracker(config.checkpoint.load)
+    check(_validate_load_tracker, config.checkpoint.load)
     _require(m.normalization in ("LayerNorm", "RMSNorm"),
              f"--normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
     _require(m.position_embedding_type in ("rope", "learned_absolute", "none"),
@@ -596,28 +609,31 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
                  "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core requires it)")
 
     _require(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
-    _validate_block_layout(config)
+    check(_validate_block_layout, config)
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
-    _validate_vision(config, training)
-    _validate_ltdr(config)
+    check(_validate_vision, config, training)
+    check(_validate_ltdr, config)
     from megatron_stgc.recipe_checks import validate_recipe
 
-    validate_recipe(config)
+    check(validate_recipe, config)
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
                  ("--fp8-format" if pr.fp8_format else "--use-te")
                  + " needs CUDA and Transformer Engine; this machine has no GPU")
+    check(_validate_stgc_options, config)
+    if config.stgc.enabled and m.num_experts is not None:
+        check(_validate_stgc_layers, config)
+        check(_validate_stgc_mean_source, config)
+
+
+def _validate_stgc_options(config: RunConfig) -> None:
     try:
         config.stgc.validate()
         if config.stgc.enabled:
-            config.stgc.layer_set(m.num_layers)
+            config.stgc.layer_set(config.model.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config.stgc.enabled and m.num_experts is not None:
-        _validate_stgc_layers(config)
-        _validate_stgc_mean_source(config)
-    _validate_with_megatron_core(config)
 
 
 def _validate_block_layout(config: RunConfig) -> None:

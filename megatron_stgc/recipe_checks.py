@@ -5,6 +5,7 @@ capacity, the Gumbel second expert, --trainable-modules, --chat-template,
 from __future__ import annotations
 
 from megatron_stgc.config import ConfigError, RunConfig
+from megatron_stgc.problems import check, require as _require
 
 CHAT_TEMPLATES = ("plain", "moe-llava-stablelm", "moe-llava-phi", "moe-llava-qwen",
                   "moe-llava-plain")
@@ -15,16 +16,10 @@ _GROUP_FROZEN_BY = {"vision": "freeze_vit", "projector": "freeze_projection",
                     "dense-ffn": "freeze_lm"}
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def validate_recipe(config: RunConfig) -> None:
-    _validate_capacity(config)
-    _validate_gumbel(config)
-    _validate_trainable(config)
-    _validate_data_recipe(config)
+    for group in (_validate_capacity, _validate_gumbel, _validate_trainable,
+                  _validate_data_recipe):
+        check(group, config)  # inside collect_problems: every group reports
 
 
 def _validate_capacity(config: RunConfig) -> None:
