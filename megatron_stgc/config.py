@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -99,8 +100,9 @@ class VisionConfig:
     freeze_vit: bool = False  # no updates to the vision tower
     freeze_projection: bool = False  # no updates to the vision-to-language projector
     # no updates to the language model except its MoE layers (routers, experts); dense FFNs
-    # are frozen too (MoE-LLaVA's stage III trains them: --trainable-modules moe-llava-stage3)
-    freeze_lm: bool = False
+    # are frozen too (MoE-LLaVA's stage III trains them: --trainable-modules moe-llava-stage3).
+    # --freeze-lm: the old, deprecated name (Megatron-LM's --freeze-LM freezes the whole LM)
+    freeze_lm_except_moe: bool = False
     pretrained_checkpoint: Optional[str] = None  # tools/convert_hf_to_megatron.py output
     moe_use_upcycling: bool = False  # pretrained dense FFNs -> each expert (MoE-LLaVA stage III)
     # SigLIP: drop the tower's first output token, a patch (SigLIP has no class token), as
@@ -111,6 +113,9 @@ class VisionConfig:
     # norms dense-ffn experts routers) or parameter-name patterns, comma separated; the rest is
     # frozen; --freeze-* subtract from it (model/trainable.py, model/freeze.py). None = all
     trainable_modules: Optional[str] = None
+    # no updates to any of the language model, its MoE layers included: Megatron-LM's
+    # multimodal --freeze-LM (accepted under that name too)
+    freeze_language_model: bool = False
 
 
 @dataclass
@@ -242,6 +247,25 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# other names of a flag: {alias key: (field key, deprecation note or None)}
+FLAG_ALIASES = {
+    "freeze_lm": ("freeze_lm_except_moe", "--freeze-lm is deprecated: it is "
+                  "--freeze-lm-except-moe (Megatron-LM's --freeze-LM, which freezes the MoE "
+                  "layers too, is --freeze-language-model)"),
+    "freeze_LM": ("freeze_language_model", None),  # Megatron-LM's spelling
+}
+
+
+def _resolve_alias(key: str) -> str:
+    """The field key of a flag or YAML key; a deprecated alias warns once per use."""
+    if key not in FLAG_ALIASES:
+        return key
+    target, note = FLAG_ALIASES[key]
+    if note is not None:
+        warnings.warn(note, FutureWarning, stacklevel=3)
+    return target
+
+
 def _flag_table() -> dict[str, tuple[str, dataclasses.Field]]:
     """flat key (underscored flag name) -> (section attribute, dataclass field)."""
     table: dict[str, tuple[str, dataclasses.Field]] = {}
@@ -278,6 +302,7 @@ def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
                 flat[sub_key] = sub_value
         else:
             flat[key] = value
+    flat = {_resolve_alias(k): v for k, v in flat.items()}
     unknown = sorted(k for k in flat if k not in table)
     if unknown:
         raise ConfigError("\n".join(
@@ -366,6 +391,11 @@ def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
                                 const=False, help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag(key), dest=key, type=_parse_optional(typ), help=help_text)
+    for alias, (key, note) in FLAG_ALIASES.items():  # --freeze-lm and the like (booleans)
+        parser.add_argument(flag(alias), dest=alias, nargs="?", const=True, type=_parse_bool,
+                            help=argparse.SUPPRESS if note else f"another name of {flag(key)} [alias]")
+        parser.add_argument("--no-" + alias.replace("_", "-"), dest=alias,
+                            action="store_const", const=False, help=argparse.SUPPRESS)
     return parser
 
 
@@ -403,6 +433,7 @@ def config_from_flat(values: dict[str, Any]) -> RunConfig:
     table = _flag_table()
     config = RunConfig()
     for key, value in values.items():
+        key = _resolve_alias(key)
         if key not in table:
             raise ConfigError(f"unknown setting {flag(key)}" + did_you_mean(key, table, flag))
         section, f = table[key]

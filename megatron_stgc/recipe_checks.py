@@ -11,9 +11,11 @@ CHAT_TEMPLATES = ("plain", "moe-llava-stablelm", "moe-llava-phi", "moe-llava-qwe
                   "moe-llava-plain")
 ASPECT_RATIOS = ("resize", "pad")
 # which freeze flag leaves a --trainable-modules group with nothing to train
-_GROUP_FROZEN_BY = {"vision": "freeze_vit", "projector": "freeze_projection",
-                    "embeddings": "freeze_lm", "attention": "freeze_lm", "norms": "freeze_lm",
-                    "dense-ffn": "freeze_lm"}
+_LM_FREEZES = ("freeze_lm_except_moe", "freeze_language_model")
+_GROUP_FROZEN_BY = {"vision": ("freeze_vit",), "projector": ("freeze_projection",),
+                    "embeddings": _LM_FREEZES, "attention": _LM_FREEZES, "norms": _LM_FREEZES,
+                    "dense-ffn": _LM_FREEZES, "experts": ("freeze_language_model",),
+                    "routers": ("freeze_language_model",)}
 
 
 def validate_recipe(config: RunConfig) -> None:
@@ -75,10 +77,10 @@ def _validate_trainable(config: RunConfig) -> None:
         if entry.text in ("vision", "projector"):
             _require(v.vision_model_type is not None,
                      f"--trainable-modules {entry.text} needs --vision-model-type")
-        frozen_by = _GROUP_FROZEN_BY.get(entry.text)
-        if frozen_by is not None and getattr(v, frozen_by):
-            raise ConfigError(f"--trainable-modules {entry.text} contradicts "
-                              f"--{frozen_by.replace('_', '-')}, which freezes all of it")
+        for frozen_by in _GROUP_FROZEN_BY.get(entry.text, ()):
+            if getattr(v, frozen_by):
+                raise ConfigError(f"--trainable-modules {entry.text} contradicts "
+                                  f"--{frozen_by.replace('_', '-')}, which freezes all of it")
 
 
 def _validate_data_recipe(config: RunConfig) -> None:

@@ -113,7 +113,9 @@ def _what_decides_training(config: RunConfig) -> str:
     v = config.vision
     flags = [flag for flag, on in (("--freeze-vit", v.freeze_vit),
                                    ("--freeze-projection", v.freeze_projection),
-                                   ("--freeze-lm", v.freeze_lm)) if on]
+                                   ("--freeze-lm-except-moe", v.freeze_lm_except_moe),
+                                   ("--freeze-language-model", v.freeze_language_model))
+             if on]
     if v.trainable_modules is not None:
         flags.insert(0, f"--trainable-modules {v.trainable_modules}")
     return " ".join(flags)
