@@ -82,6 +82,13 @@ class ModelConfig:
     # training samples the 2nd..k-th expert with Gumbel noise on the router logits (DeepSpeed's
     # top2gating, MoE-LLaVA); gates stay the noise-free softmax renormalised over the chosen
     moe_router_gumbel_second_expert: bool = False
+    # Megatron-LM's flags, with its meanings:
+    moe_z_loss_coeff: Optional[float] = None  # weight of the router z-loss; None = no z-loss
+    # the balancing loss: only "aux_loss" (Switch's, per micro-batch: the paper's L_aux)
+    moe_router_load_balancing_type: str = "aux_loss"
+    # grouped-GEMM experts; None = the rule this package applies (with Transformer Engine, for
+    # experts without biases); a value that contradicts the rule is an error naming why
+    moe_grouped_gemm: Optional[bool] = None
 
 
 @dataclass
@@ -127,6 +134,10 @@ class ParallelConfig:
     expert_tensor_parallel_size: Optional[int] = None
     # optimizer state sharded over data-parallel ranks (megatron-core's distributed optimizer)
     use_distributed_optimizer: bool = False
+    # split activations along the sequence over the TP ranks; None = on when
+    # --tensor-model-parallel-size > 1 with Transformer Engine (megatron-core requires it for
+    # MoE there); a value that contradicts that is an error naming why
+    sequence_parallel: Optional[bool] = None
 
 
 @dataclass
@@ -151,6 +162,11 @@ class TrainingConfig:
     seed: int = 1234  # seed of weights, data order and dropout
     exit_interval: Optional[int] = None  # stop (and save) after this many steps of this run
     nan_policy: str = "abort"  # NaN/inf loss or gradient: "abort" the run or "skip" the update
+    # Megatron-LM's flags, with its meanings:
+    lr_warmup_iters: Optional[int] = None  # warmup steps; set, it replaces --lr-warmup-fraction
+    lr_decay_iters: Optional[int] = None  # steps the learning rate decays over; None = --train-iters
+    # samples of the whole run: sets --train-iters to train_samples // global_batch_size
+    train_samples: Optional[int] = None
 
 
 @dataclass
@@ -246,6 +262,19 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# Megatron-LM flags this package does not implement: {key: what to use instead}
+UNSUPPORTED_FLAGS = {
+    "eval_interval": "validation during training is not implemented; evaluate a checkpoint "
+                     "with `megatron-stgc eval` (docs/EVAL.md)",
+    "finetune": "not implemented; to start a new run from another run's weights export them "
+                "(`megatron-stgc export --load RUN --output DIR`) and pass --pretrained-checkpoint DIR",
+    "no_load_optim": "not implemented; export the weights (`megatron-stgc export`) and start "
+                     "from --pretrained-checkpoint for a fresh optimizer",
+    "no_load_rng": "not implemented; --load restores the random-number generators' states",
+}
+# Megatron-LM boolean flags that are the negation of a field: {flag key: field key}
+NEGATED_FLAGS = {"disable_bias_linear": "add_bias_linear"}
 
 # other names of a flag: {alias key: (field key, deprecation note or None)}
 FLAG_ALIASES = {
@@ -391,6 +420,12 @@ def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
                                 const=False, help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag(key), dest=key, type=_parse_optional(typ), help=help_text)
+    for key, instead in UNSUPPORTED_FLAGS.items():  # recognised, refused with what to use
+        parser.add_argument(flag(key), dest=key, nargs="?", const=True, help=argparse.SUPPRESS)
+    for key, field_key in NEGATED_FLAGS.items():
+        parser.add_argument(flag(key), dest=field_key, action="store_const", const=False,
+                            help=f"Megatron-LM's name of --{field_key.replace('_', '-')} false "
+                                 "[alias]")
     for alias, (key, note) in FLAG_ALIASES.items():  # --freeze-lm and the like (booleans)
         parser.add_argument(flag(alias), dest=alias, nargs="?", const=True, type=_parse_bool,
                             help=argparse.SUPPRESS if note else f"another name of {flag(key)} [alias]")
@@ -431,6 +466,11 @@ def _string_list(key: str, value: Any) -> Optional[list[str]]:
 def config_from_flat(values: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from {underscored flag name: value}; unknown keys are errors."""
     table = _flag_table()
+    refused = [f"{flag(k)} (Megatron-LM): {UNSUPPORTED_FLAGS[k]}" for k in values
+               if k in UNSUPPORTED_FLAGS]
+    raise_problems(refused)
+    values = {NEGATED_FLAGS.get(k, k): (not v if k in NEGATED_FLAGS and v is not None else v)
+              for k, v in values.items()}
     config = RunConfig()
     for key, value in values.items():
         key = _resolve_alias(key)
@@ -467,6 +507,9 @@ def fill_defaults(config: RunConfig) -> RunConfig:
         m.moe_ffn_hidden_size = m.ffn_hidden_size
     if config.vision.vision_ffn_hidden_size is None:
         config.vision.vision_ffn_hidden_size = 4 * config.vision.vision_hidden_size
+    t = config.training
+    if t.train_samples is not None and t.global_batch_size >= 1:
+        t.train_iters = t.train_samples // t.global_batch_size  # as Megatron-LM
     if isinstance(config.data.data_path, str):  # set in code, not parsed
         config.data.data_path = [config.data.data_path]
     return config
@@ -598,6 +641,7 @@ def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
              "inverse-square-root, WSD")
     _require(0 <= t.lr_warmup_fraction < 1,
              f"--lr-warmup-fraction must lie in [0, 1), got {t.lr_warmup_fraction}")
+    check(_validate_megatron_lm_flags, config)
     _require(t.clip_grad >= 0, f"--clip-grad must be >= 0, got {t.clip_grad}")
     _require(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     _require(pr.fp8_format in (None, "e4m3", "hybrid"),
@@ -665,6 +709,38 @@ def _validate_stgc_options(config: RunConfig) -> None:
             config.stgc.layer_set(config.model.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_megatron_lm_flags(config: RunConfig) -> None:
+    """--lr-warmup-iters, --lr-decay-iters, --train-samples, --moe-z-loss-coeff,
+    --moe-router-load-balancing-type, --moe-grouped-gemm, --sequence-parallel."""
+    m, t, p = config.model, config.training, config.parallel
+    decay = t.train_iters if t.lr_decay_iters is None else t.lr_decay_iters
+    _require(t.lr_decay_iters is None or t.lr_decay_iters >= 1,
+             f"--lr-decay-iters must be >= 1, got {t.lr_decay_iters}")
+    _require(t.lr_warmup_iters is None or 0 <= t.lr_warmup_iters < decay,
+             f"--lr-warmup-iters ({t.lr_warmup_iters}) must lie in [0, --lr-decay-iters "
+             f"or --train-iters ({decay}))")
+    _require(t.train_samples is None or t.train_samples >= t.global_batch_size,
+             f"--train-samples ({t.train_samples}) must be >= --global-batch-size "
+             f"({t.global_batch_size})")
+    _require(m.moe_z_loss_coeff is None or m.moe_z_loss_coeff >= 0,
+             f"--moe-z-loss-coeff must be >= 0, got {m.moe_z_loss_coeff}")
+    _require(not (m.moe_z_loss_coeff and config.ltdr.enabled),
+             "--moe-z-loss-coeff with --ltdr: LTDR's router takes no z-loss; drop one of them")
+    _require(m.moe_router_load_balancing_type == "aux_loss",
+             f"--moe-router-load-balancing-type {m.moe_router_load_balancing_type!r}: only "
+             "'aux_loss' (the paper's L_aux; for none set --moe-aux-loss-coeff 0)")
+    if m.moe_grouped_gemm is None and p.sequence_parallel is None:
+        return
+    from megatron_stgc.model.gpt import grouped_gemm_rule, sequence_parallel_rule
+
+    for key, given, (rule, why) in (
+            ("moe_grouped_gemm", m.moe_grouped_gemm, grouped_gemm_rule(config)),
+            ("sequence_parallel", p.sequence_parallel, sequence_parallel_rule(config))):
+        _require(given is None or given == rule,
+                 f"{flag(key)} {str(given).lower()}: this configuration has it "
+                 f"{'on' if rule else 'off'} ({why})")
 
 
 def _validate_block_layout(config: RunConfig) -> None:
