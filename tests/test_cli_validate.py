@@ -8,21 +8,12 @@ import pytest
 import torch.distributed as dist
 import yaml
 
+from example_paths import llava_example_paths
 from megatron_stgc import cli
 from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
 
 TINY = ["--config", "examples/tiny_moe_cpu.yaml"]
 LLAVA = ["--config", "examples/llava_stablelm_1.6b_clip336.yaml"]
-
-
-def _llava_paths(tmp_path) -> list[str]:
-    (tmp_path / "dense").mkdir()
-    (tmp_path / "dense" / "model.pt").write_bytes(b"")
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "mix.json").write_text("[]")
-    return ["--data-path", str(tmp_path / "mix.json"), "--image-root", str(tmp_path),
-            "--pretrained-checkpoint", str(tmp_path / "dense"),
-            "--tokenizer-model", str(tmp_path / "tok")]
 
 
 def test_validation_reports_every_problem():
@@ -51,7 +42,7 @@ def test_validate_command_lists_the_problems(capsys):
 def test_validate_a_16_rank_config_in_one_process(tmp_path, capsys, monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    args = ["validate", "--world-size", "16"] + LLAVA + _llava_paths(tmp_path)
+    args = ["validate", "--world-size", "16"] + LLAVA + llava_example_paths(tmp_path)
     assert cli.main(args) == 0, capsys.readouterr().err
     assert "valid for world size 16: tensor-parallel 1, expert-parallel 4, data-parallel 16" \
         in capsys.readouterr().out

@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from example_paths import llava_example_paths
 from launch_utils import REPO
 from megatron_stgc.config import parse_run_config, validate_run_config
 
@@ -21,14 +22,7 @@ LLAVA_YAML = "examples/llava_stablelm_1.6b_clip336.yaml"
 
 @pytest.fixture
 def paths(tmp_path):
-    """Files the vision-language example names, made to exist (flags override the YAML's)."""
-    (tmp_path / "dense").mkdir()
-    (tmp_path / "dense" / "model.pt").write_bytes(b"")
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "mix.json").write_text("[]")
-    return ["--data-path", str(tmp_path / "mix.json"), "--image-root", str(tmp_path),
-            "--pretrained-checkpoint", str(tmp_path / "dense"),
-            "--tokenizer-model", str(tmp_path / "tok")]
+    return llava_example_paths(tmp_path)
 
 
 def _run(script: str, args: list[str], **env) -> subprocess.CompletedProcess:
