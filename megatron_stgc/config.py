@@ -216,6 +216,14 @@ class CheckpointConfig:
     load: Optional[str] = None  # folder to resume from (its newest checkpoint); may equal --save
     save_interval: Optional[int] = None  # save every N steps (and always at the end)
     keep_last: Optional[int] = None  # keep only the newest K checkpoints (None = keep all)
+    # Megatron-LM's flags, with its meanings:
+    # --load restores weights, iteration, RNG and data position; optimizer and learning-rate
+    # scheduler start fresh
+    no_load_optim: bool = False
+    no_load_rng: bool = False  # --load leaves the random-number generators' states as they are
+    # --load reads the weights only and the run starts at iteration 0 (fresh optimizer,
+    # scheduler, RNG and data order): a new run from another run's checkpoint
+    finetune: bool = False
 
 
 @dataclass
@@ -267,11 +275,6 @@ class RunConfig:
 UNSUPPORTED_FLAGS = {
     "eval_interval": "validation during training is not implemented; evaluate a checkpoint "
                      "with `megatron-stgc eval` (docs/EVAL.md)",
-    "finetune": "not implemented; to start a new run from another run's weights export them "
-                "(`megatron-stgc export --load RUN --output DIR`) and pass --pretrained-checkpoint DIR",
-    "no_load_optim": "not implemented; export the weights (`megatron-stgc export`) and start "
-                     "from --pretrained-checkpoint for a fresh optimizer",
-    "no_load_rng": "not implemented; --load restores the random-number generators' states",
 }
 # Megatron-LM boolean flags that are the negation of a field: {flag key: field key}
 NEGATED_FLAGS = {"disable_bias_linear": "add_bias_linear"}
@@ -671,6 +674,7 @@ def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
     _require(config.checkpoint.keep_last is None or config.checkpoint.save is not None,
              "--keep-last needs --save")
     check(_validate_load_tracker, config.checkpoint.load)
+    check(_validate_load_options, config.checkpoint)
     _require(m.normalization in ("LayerNorm", "RMSNorm"),
              f"--normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
     _require(m.position_embedding_type in ("rope", "learned_absolute", "none"),
@@ -709,6 +713,16 @@ def _validate_stgc_options(config: RunConfig) -> None:
             config.stgc.layer_set(config.model.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_load_options(ckpt: CheckpointConfig) -> None:
+    """--finetune, --no-load-optim, --no-load-rng need --load; --finetune with --load equal
+    to --save would start over at iteration 0 on every restart."""
+    for key in ("finetune", "no_load_optim", "no_load_rng"):
+        _require(not getattr(ckpt, key) or ckpt.load is not None, f"{flag(key)} needs --load")
+    _require(not (ckpt.finetune and ckpt.load is not None and ckpt.load == ckpt.save),
+             "--finetune with --load equal to --save: a restarted job would load its own "
+             "checkpoint and start over at iteration 0; --save to another folder")
 
 
 def _validate_megatron_lm_flags(config: RunConfig) -> None:

@@ -27,11 +27,20 @@ def test_disable_bias_linear_overrides_the_yaml(tmp_path):
 
 def test_unimplemented_flags_are_refused_with_what_to_use():
     with pytest.raises(ConfigError) as raised:
-        parse_run_config(["--eval-interval", "10", "--finetune"])
+        parse_run_config(["--eval-interval", "10"])
     problems = raised.value.problems
-    assert len(problems) == 2
+    assert len(problems) == 1
     assert problems[0].startswith("--eval-interval (Megatron-LM): ") and "megatron-stgc eval" in problems[0]
-    assert problems[1].startswith("--finetune (Megatron-LM): ") and "--pretrained-checkpoint" in problems[1]
+
+
+def test_load_options_need_load(tmp_path):
+    problems = config_problems(tiny_config(finetune=True, no_load_optim=True, no_load_rng=True), 1)
+    for key in ("--finetune", "--no-load-optim", "--no-load-rng"):
+        assert f"{key} needs --load" in problems
+    same = tiny_config(finetune=True, load=str(tmp_path), save=str(tmp_path))
+    assert any(p.startswith("--finetune with --load equal to --save") for p in
+               config_problems(same, 1))
+    assert not config_problems(tiny_config(finetune=True, load=str(tmp_path)), 1)
 
 
 def _lrs(config, steps: int) -> list[float]:
