@@ -231,6 +231,11 @@ class LoggingConfig:
     log_interval: int = 1  # a progress line and a JSONL record every N steps
     log_file: Optional[str] = None  # JSONL file of the log records (appended on resume)
     tensorboard_dir: Optional[str] = None  # TensorBoard event folder (needs tensorboard installed)
+    wandb_project: Optional[str] = None  # Weights & Biases project to log to (needs wandb installed)
+    wandb_exp_name: Optional[str] = None  # the W&B run's name (default: W&B picks one)
+    # folder of W&B's files (default: W&B's, ./wandb); WANDB_MODE=offline keeps the run on
+    # disk (`wandb sync` uploads it later)
+    wandb_save_dir: Optional[str] = None
 
 
 SECTIONS = {
@@ -675,6 +680,7 @@ def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
              "--keep-last needs --save")
     check(_validate_load_tracker, config.checkpoint.load)
     check(_validate_load_options, config.checkpoint)
+    check(_validate_loggers, config.logging)
     _require(m.normalization in ("LayerNorm", "RMSNorm"),
              f"--normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
     _require(m.position_embedding_type in ("rope", "learned_absolute", "none"),
@@ -713,6 +719,21 @@ def _validate_stgc_options(config: RunConfig) -> None:
             config.stgc.layer_set(config.model.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_loggers(log: LoggingConfig) -> None:
+    """A requested logger that could not start is an error before training, not a warning."""
+    import importlib.util
+
+    _require(log.tensorboard_dir is None or importlib.util.find_spec("tensorboard") is not None,
+             f"--tensorboard-dir {log.tensorboard_dir}: the tensorboard package is not "
+             "installed (pip install tensorboard)")
+    _require(log.wandb_project is None or importlib.util.find_spec("wandb") is not None,
+             f"--wandb-project {log.wandb_project}: the wandb package is not installed "
+             "(pip install wandb)")
+    for key in ("wandb_exp_name", "wandb_save_dir"):
+        _require(getattr(log, key) is None or log.wandb_project is not None,
+                 f"{flag(key)} needs --wandb-project")
 
 
 def _validate_load_options(ckpt: CheckpointConfig) -> None:

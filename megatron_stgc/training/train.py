@@ -32,7 +32,7 @@ from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint,
 from megatron_stgc.training.expert_load import ExpertLoadCounter
 from megatron_stgc.training.guards import install_nonfinite_guard
 from megatron_stgc.training.interval_metrics import IntervalMetrics, is_log_step
-from megatron_stgc.training.logging import StepLogger
+from megatron_stgc.training.logging import StepLogger, open_wandb
 from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
 from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
                                                unregister_stgc_metrics)
@@ -311,7 +311,8 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
     try:
         dataset, tokenizer, objects = build_run(config)
         logger = StepLogger(dist.get_rank(), config.training.train_iters,
-                            config.logging.log_file, config.logging.tensorboard_dir)
+                            config.logging.log_file, config.logging.tensorboard_dir,
+                            wandb_run=open_wandb(config) if dist.get_rank() == 0 else None)
         logger.message(_describe(config, objects, tokenizer, dataset))
         for note in objects.notes:
             logger.message(note)
