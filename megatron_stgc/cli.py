@@ -32,7 +32,14 @@ run `megatron-stgc train --help` for the flags; `megatron-stgc --version` for th
 def _train(argv: list[str]) -> int:
     from megatron_stgc.training.train import run_training
 
+    import os
+
+    from megatron_stgc.config import toy_defaults_notice
+
     config = parse_run_config(argv)
+    notice = toy_defaults_notice(argv)
+    if notice is not None and os.environ.get("RANK", "0") == "0":
+        print(f"megatron-stgc train: {notice}", file=sys.stderr, flush=True)
     run_training(config)
     return 0
 

@@ -505,6 +505,30 @@ def parse_run_config(argv: list[str]) -> RunConfig:
 
 _require = require  # records the problem inside collect_problems, else raises ConfigError
 
+# the model shape and data a run without --config should name (Megatron-LM requires the shape)
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "num_experts",
+              "data_path", "tokenizer_model")
+
+
+def toy_defaults_notice(argv: list[str]) -> Optional[str]:
+    """A note naming the toy defaults a run without --config takes for the shape and data
+    flags it does not give (None when it gives --config or all of them)."""
+    args = vars(build_arg_parser().parse_args(argv))
+    if args.get("config") is not None:
+        return None
+    defaults = RunConfig()
+    missing = []
+    for key in SHAPE_KEYS:
+        if key not in args:
+            section, f = _flag_table()[key]
+            missing.append(f"{flag(key)} {getattr(getattr(defaults, section), f.name)}")
+    if not missing:
+        return None
+    return ("not given, so the toy defaults apply: " + ", ".join(missing)
+            + " (--data-path None: generated text; --tokenizer-model None: a SentencePiece "
+            "model of --vocab-size trained on the data). Name them, or start from an example "
+            "config: --config examples/tiny_moe_cpu.yaml")
+
 
 def fill_defaults(config: RunConfig) -> RunConfig:
     """Derived defaults (ffn sizes)."""

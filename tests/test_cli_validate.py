@@ -67,3 +67,14 @@ def test_print_config_prints_then_validates(capsys):
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("megatron-stgc ")
+
+
+def test_toy_defaults_are_named_without_a_config():
+    from megatron_stgc.config import toy_defaults_notice
+
+    notice = toy_defaults_notice(["--hidden-size", "32"])
+    assert notice.startswith("not given, so the toy defaults apply: --num-layers 4, "
+                             "--num-attention-heads 4, --seq-length 64, --num-experts 4, "
+                             "--data-path None, --tokenizer-model None")
+    assert "--hidden-size" not in notice.split(" (")[0]
+    assert toy_defaults_notice(TINY) is None  # an explicit example config: its choice
