@@ -340,7 +340,8 @@ def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
         else:
             flat[key] = value
     flat = {_resolve_alias(k): v for k, v in flat.items()}
-    unknown = sorted(k for k in flat if k not in table)
+    unknown = sorted(k for k in flat if k not in table and k not in NEGATED_FLAGS
+                     and k not in UNSUPPORTED_FLAGS)  # config_from_flat handles those two
     if unknown:
         raise ConfigError("\n".join(
             f"{source}: unknown key {k!r}" + did_you_mean(k, table) for k in unknown))

@@ -23,6 +23,11 @@ def test_disable_bias_linear_overrides_the_yaml(tmp_path):
     path.write_text("add_bias_linear: true\n")
     assert parse_run_config(["--config", str(path)]).model.add_bias_linear
     assert not parse_run_config(["--config", str(path), "--disable-bias-linear"]).model.add_bias_linear
+    path.write_text("disable_bias_linear: true\neval_interval: 5\n")  # the YAML spellings
+    with pytest.raises(ConfigError, match="^--eval-interval \\(Megatron-LM\\)"):
+        parse_run_config(["--config", str(path)])
+    path.write_text("add_bias_linear: true\ndisable_bias_linear: true\n")
+    assert not parse_run_config(["--config", str(path)]).model.add_bias_linear
 
 
 def test_unimplemented_flags_are_refused_with_what_to_use():
