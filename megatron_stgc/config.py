@@ -13,48 +13,51 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
+from megatron_stgc.config_help import did_you_mean, field_help
 from megatron_stgc.ltdr.config import LTDRConfig
 from megatron_stgc.stgc.config import STGCConfig
-
-
-class ConfigError(ValueError):
-    """A configuration error, raised before any process group is created."""
+from megatron_stgc.problems import (ConfigError, check, collect_problems, raise_problems,
+                                    require)
 
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 4
-    hidden_size: int = 64
+    num_layers: int = 4  # decoder layers of the language model
+    hidden_size: int = 64  # width of the language model's hidden states
     ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
     moe_ffn_hidden_size: Optional[int] = None  # default ffn_hidden_size
-    num_attention_heads: int = 4
+    num_attention_heads: int = 4  # attention heads of the language model
     num_query_groups: Optional[int] = None  # grouped-query attention: K/V heads (None = no GQA)
-    seq_length: int = 64
-    num_experts: Optional[int] = 4
-    moe_router_topk: int = 2
+    seq_length: int = 64  # tokens per sample (image tokens included); also the maximum position
+    num_experts: Optional[int] = 4  # experts per MoE layer; none = a dense model (no MoE layer)
+    moe_router_topk: int = 2  # experts each token is routed to
     # softmax before top-k; None = on for top-1 (megatron-core requires it there), else off
     moe_router_pre_softmax: Optional[bool] = None
     moe_layer_freq: int = 2  # MoE on every N-th layer (MoE-LLaVA: every other)
-    moe_aux_loss_coeff: float = 0.01
+    moe_aux_loss_coeff: float = 0.01  # weight alpha of the load-balancing loss
+    # tokens an expert takes at most, as a multiple of its even share; the rest are dropped
+    # (None = no dropping; MoE-LLaVA: 1.5)
     moe_expert_capacity_factor: Optional[float] = None
-    moe_token_dispatcher_type: str = "alltoall"
-    add_bias_linear: bool = False
-    position_embedding_type: str = "rope"
-    normalization: str = "LayerNorm"
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
+    moe_token_dispatcher_type: str = "alltoall"  # how tokens reach their experts' ranks
+    add_bias_linear: bool = False  # biases on all linear layers (Phi-2)
+    position_embedding_type: str = "rope"  # rotary, learned absolute or no position embedding
+    normalization: str = "LayerNorm"  # the norm of every block
+    hidden_dropout: float = 0.0  # dropout after attention and MLP
+    attention_dropout: float = 0.0  # dropout on the attention probabilities
+    init_method_std: float = 0.02  # standard deviation of the random weight initialisation
+    # a separate LM head instead of the input embedding's transpose
     untie_embeddings_and_output_weights: bool = False
     swiglu: bool = False  # gated SiLU FFN (StableLM-2, LLaMA)
     add_qkv_bias: bool = False  # bias on the QKV projection only (StableLM-2)
     rotary_percent: float = 1.0  # fraction of each head's dims rotated (StableLM-2: 0.25)
-    rotary_base: int = 10000
-    norm_epsilon: float = 1e-5
+    rotary_base: int = 10000  # base of the rotary position embedding's frequencies
+    norm_epsilon: float = 1e-5  # epsilon of the norms
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     use_te: Optional[bool] = None  # None = TE spec when CUDA is available
     # MoE placement as one 0/1 per layer ("1,0,1,0"; megatron-core's list form of
@@ -79,6 +82,13 @@ class ModelConfig:
     # training samples the 2nd..k-th expert with Gumbel noise on the router logits (DeepSpeed's
     # top2gating, MoE-LLaVA); gates stay the noise-free softmax renormalised over the chosen
     moe_router_gumbel_second_expert: bool = False
+    # Megatron-LM's flags, with its meanings:
+    moe_z_loss_coeff: Optional[float] = None  # weight of the router z-loss; None = no z-loss
+    # the balancing loss: only "aux_loss" (Switch's, per micro-batch: the paper's L_aux)
+    moe_router_load_balancing_type: str = "aux_loss"
+    # grouped-GEMM experts; None = the rule this package applies (with Transformer Engine, for
+    # experts without biases); a value that contradicts the rule is an error naming why
+    moe_grouped_gemm: Optional[bool] = None
 
 
 @dataclass
@@ -86,19 +96,20 @@ class VisionConfig:
     """The vision tower and projector of a LLaVA-style model; off when vision_model_type is None."""
 
     vision_model_type: Optional[str] = None  # None = text-only GPT | "clip" | "siglip"
-    vision_num_layers: int = 2
-    vision_hidden_size: int = 64
+    vision_num_layers: int = 2  # ViT layers (LLaVA reads CLIP-L/336 at its 23rd of 24)
+    vision_hidden_size: int = 64  # ViT width
     vision_ffn_hidden_size: Optional[int] = None  # default 4 * vision_hidden_size
-    vision_num_attention_heads: int = 4
-    img_h: int = 32
-    img_w: int = 32
-    patch_dim: int = 8
+    vision_num_attention_heads: int = 4  # ViT attention heads
+    img_h: int = 32  # image height in pixels after preprocessing
+    img_w: int = 32  # image width in pixels after preprocessing
+    patch_dim: int = 8  # ViT patch size in pixels (img_h / patch_dim x img_w / patch_dim patches)
     disable_vision_class_token: bool = True  # drop the class token's output (LLaVA)
     freeze_vit: bool = False  # no updates to the vision tower
     freeze_projection: bool = False  # no updates to the vision-to-language projector
     # no updates to the language model except its MoE layers (routers, experts); dense FFNs
-    # are frozen too (MoE-LLaVA's stage III trains them: --trainable-modules moe-llava-stage3)
-    freeze_lm: bool = False
+    # are frozen too (MoE-LLaVA's stage III trains them: --trainable-modules moe-llava-stage3).
+    # --freeze-lm: the old, deprecated name (Megatron-LM's --freeze-LM freezes the whole LM)
+    freeze_lm_except_moe: bool = False
     pretrained_checkpoint: Optional[str] = None  # tools/convert_hf_to_megatron.py output
     moe_use_upcycling: bool = False  # pretrained dense FFNs -> each expert (MoE-LLaVA stage III)
     # SigLIP: drop the tower's first output token, a patch (SigLIP has no class token), as
@@ -109,40 +120,53 @@ class VisionConfig:
     # norms dense-ffn experts routers) or parameter-name patterns, comma separated; the rest is
     # frozen; --freeze-* subtract from it (model/trainable.py, model/freeze.py). None = all
     trainable_modules: Optional[str] = None
+    # no updates to any of the language model, its MoE layers included: Megatron-LM's
+    # multimodal --freeze-LM (accepted under that name too)
+    freeze_language_model: bool = False
 
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # ranks each layer's weights are split over (TP)
+    expert_model_parallel_size: int = 1  # ranks the experts of a layer are spread over (EP)
     # tensor parallelism inside each expert; None = megatron-core's default, the TP size
     # (STGC needs 1: with --stgc and TP > 1 set --expert-tensor-parallel-size 1)
     expert_tensor_parallel_size: Optional[int] = None
+    # optimizer state sharded over data-parallel ranks (megatron-core's distributed optimizer)
     use_distributed_optimizer: bool = False
+    # split activations along the sequence over the TP ranks; None = on when
+    # --tensor-model-parallel-size > 1 with Transformer Engine (megatron-core requires it for
+    # MoE there); a value that contradicts that is an error naming why
+    sequence_parallel: Optional[bool] = None
 
 
 @dataclass
 class PrecisionConfig:
-    bf16: bool = False
+    bf16: bool = False  # BF16 parameters and activations; fp32 main grads, optimizer and router
     fp8_format: Optional[str] = None  # "e4m3" | "hybrid"; passed to Transformer Engine
 
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    train_iters: int = 100
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_decay_style: str = "cosine"
-    lr_warmup_fraction: float = 0.03
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    seed: int = 1234
+    micro_batch_size: int = 4  # samples per forward on each data-parallel rank
+    global_batch_size: int = 8  # samples per optimizer step over all ranks (accumulation fills it)
+    train_iters: int = 100  # optimizer steps of the run
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    lr_decay_style: str = "cosine"  # learning-rate decay after warmup (megatron-core's scheduler)
+    lr_warmup_fraction: float = 0.03  # warmup steps as a fraction of --train-iters
+    weight_decay: float = 0.0  # AdamW weight decay
+    clip_grad: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2 (MoE-LLaVA, Hugging Face's AdamW: 0.999)
+    seed: int = 1234  # seed of weights, data order and dropout
     exit_interval: Optional[int] = None  # stop (and save) after this many steps of this run
     nan_policy: str = "abort"  # NaN/inf loss or gradient: "abort" the run or "skip" the update
+    # Megatron-LM's flags, with its meanings:
+    lr_warmup_iters: Optional[int] = None  # warmup steps; set, it replaces --lr-warmup-fraction
+    lr_decay_iters: Optional[int] = None  # steps the learning rate decays over; None = --train-iters
+    # samples of the whole run: sets --train-iters to train_samples // global_batch_size
+    train_samples: Optional[int] = None
 
 
 @dataclass
@@ -188,17 +212,30 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
+    save: Optional[str] = None  # folder checkpoints are written to
+    load: Optional[str] = None  # folder to resume from (its newest checkpoint); may equal --save
+    save_interval: Optional[int] = None  # save every N steps (and always at the end)
     keep_last: Optional[int] = None  # keep only the newest K checkpoints (None = keep all)
+    # Megatron-LM's flags, with its meanings:
+    # --load restores weights, iteration, RNG and data position; optimizer and learning-rate
+    # scheduler start fresh
+    no_load_optim: bool = False
+    no_load_rng: bool = False  # --load leaves the random-number generators' states as they are
+    # --load reads the weights only and the run starts at iteration 0 (fresh optimizer,
+    # scheduler, RNG and data order): a new run from another run's checkpoint
+    finetune: bool = False
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
-    log_file: Optional[str] = None
-    tensorboard_dir: Optional[str] = None
+    log_interval: int = 1  # a progress line and a JSONL record every N steps
+    log_file: Optional[str] = None  # JSONL file of the log records (appended on resume)
+    tensorboard_dir: Optional[str] = None  # TensorBoard event folder (needs tensorboard installed)
+    wandb_project: Optional[str] = None  # Weights & Biases project to log to (needs wandb installed)
+    wandb_exp_name: Optional[str] = None  # the W&B run's name (default: W&B picks one)
+    # folder of W&B's files (default: W&B's, ./wandb); WANDB_MODE=offline keeps the run on
+    # disk (`wandb sync` uploads it later)
+    wandb_save_dir: Optional[str] = None
 
 
 SECTIONS = {
@@ -239,6 +276,33 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# Megatron-LM flags this package does not implement: {key: what to use instead}
+UNSUPPORTED_FLAGS = {
+    "eval_interval": "validation during training is not implemented; evaluate a checkpoint "
+                     "with `megatron-stgc eval` (docs/EVAL.md)",
+}
+# Megatron-LM boolean flags that are the negation of a field: {flag key: field key}
+NEGATED_FLAGS = {"disable_bias_linear": "add_bias_linear"}
+
+# other names of a flag: {alias key: (field key, deprecation note or None)}
+FLAG_ALIASES = {
+    "freeze_lm": ("freeze_lm_except_moe", "--freeze-lm is deprecated: it is "
+                  "--freeze-lm-except-moe (Megatron-LM's --freeze-LM, which freezes the MoE "
+                  "layers too, is --freeze-language-model)"),
+    "freeze_LM": ("freeze_language_model", None),  # Megatron-LM's spelling
+}
+
+
+def _resolve_alias(key: str) -> str:
+    """The field key of a flag or YAML key; a deprecated alias warns once per use."""
+    if key not in FLAG_ALIASES:
+        return key
+    target, note = FLAG_ALIASES[key]
+    if note is not None:
+        warnings.warn(note, FutureWarning, stacklevel=3)
+    return target
+
+
 def _flag_table() -> dict[str, tuple[str, dataclasses.Field]]:
     """flat key (underscored flag name) -> (section attribute, dataclass field)."""
     table: dict[str, tuple[str, dataclasses.Field]] = {}
@@ -275,10 +339,12 @@ def _flatten_yaml(raw: dict[str, Any], source: str) -> dict[str, Any]:
                 flat[sub_key] = sub_value
         else:
             flat[key] = value
-    unknown = sorted(k for k in flat if k not in table)
+    flat = {_resolve_alias(k): v for k, v in flat.items()}
+    unknown = sorted(k for k in flat if k not in table and k not in NEGATED_FLAGS
+                     and k not in UNSUPPORTED_FLAGS)  # config_from_flat handles those two
     if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown}; known flags are "
-                          f"{sorted(flag(k) for k in table)}")
+        raise ConfigError("\n".join(
+            f"{source}: unknown key {k!r}" + did_you_mean(k, table) for k in unknown))
     return flat
 
 
@@ -321,15 +387,37 @@ def _parse_optional(typ: type):
     return parse
 
 
+class FlagParser(argparse.ArgumentParser):
+    """An unknown or malformed flag: one line with the closest known flags, not the usage
+    of every flag (``--help`` lists them)."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            known = [o for a in self._actions for o in a.option_strings
+                     if a.help != argparse.SUPPRESS]
+            words = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]
+            message = "; ".join(f"unrecognized argument {w}" + did_you_mean(w, known)
+                                for w in words) or message
+        self.exit(2, f"{self.prog}: error: {message}\n"
+                     f"run `{self.prog} --help` for the flags\n")
+
+
+def _help_text(section: str, f: dataclasses.Field) -> str:
+    """The field's comment in its dataclass (config_help.py), its section and default."""
+    cls = {"stgc": STGCConfig, "ltdr": LTDRConfig}.get(section) or SECTIONS[section]
+    default = "" if f.default is dataclasses.MISSING else f"; default: {f.default!r}"
+    return f"{field_help(cls)[f.name]} [{section}{default}]".replace("%", "%%")
+
+
 def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """Add one flag per config field; a flag not given is absent from the namespace
     (so ``--num-experts none`` can set a field to None)."""
-    parser = parser or argparse.ArgumentParser(prog="megatron-stgc train",
-                                               argument_default=argparse.SUPPRESS)
+    parser = parser or FlagParser(prog="megatron-stgc train", argument_default=argparse.SUPPRESS,
+                                  allow_abbrev=False)  # as Megatron-LM: a typo is no prefix
     parser.add_argument("--config", default=None, help="YAML file; flags override its keys")
     for key, (section, f) in _flag_table().items():
         typ = _field_type(f)
-        help_text = f"[{section}] default: {f.default!r}" if f.default is not dataclasses.MISSING else section
+        help_text = _help_text(section, f)
         if typ is list:
             # Megatron-style: --data-path a.json b.json (``none`` alone: unset)
             parser.add_argument(flag(key), dest=key, nargs="+", help=help_text)
@@ -341,6 +429,17 @@ def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
                                 const=False, help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag(key), dest=key, type=_parse_optional(typ), help=help_text)
+    for key, instead in UNSUPPORTED_FLAGS.items():  # recognised, refused with what to use
+        parser.add_argument(flag(key), dest=key, nargs="?", const=True, help=argparse.SUPPRESS)
+    for key, field_key in NEGATED_FLAGS.items():
+        parser.add_argument(flag(key), dest=field_key, action="store_const", const=False,
+                            help=f"Megatron-LM's name of --{field_key.replace('_', '-')} false "
+                                 "[alias]")
+    for alias, (key, note) in FLAG_ALIASES.items():  # --freeze-lm and the like (booleans)
+        parser.add_argument(flag(alias), dest=alias, nargs="?", const=True, type=_parse_bool,
+                            help=argparse.SUPPRESS if note else f"another name of {flag(key)} [alias]")
+        parser.add_argument("--no-" + alias.replace("_", "-"), dest=alias,
+                            action="store_const", const=False, help=argparse.SUPPRESS)
     return parser
 
 
@@ -376,10 +475,16 @@ def _string_list(key: str, value: Any) -> Optional[list[str]]:
 def config_from_flat(values: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from {underscored flag name: value}; unknown keys are errors."""
     table = _flag_table()
+    refused = [f"{flag(k)} (Megatron-LM): {UNSUPPORTED_FLAGS[k]}" for k in values
+               if k in UNSUPPORTED_FLAGS]
+    raise_problems(refused)
+    values = {NEGATED_FLAGS.get(k, k): (not v if k in NEGATED_FLAGS and v is not None else v)
+              for k, v in values.items()}
     config = RunConfig()
     for key, value in values.items():
+        key = _resolve_alias(key)
         if key not in table:
-            raise ConfigError(f"unknown setting {flag(key)}")
+            raise ConfigError(f"unknown setting {flag(key)}" + did_you_mean(key, table, flag))
         section, f = table[key]
         setattr(getattr(config, section), f.name, _coerce(key, f, value))
     return config
@@ -399,9 +504,31 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     return config_from_flat(values)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+_require = require  # records the problem inside collect_problems, else raises ConfigError
+
+# the model shape and data a run without --config should name (Megatron-LM requires the shape)
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "num_experts",
+              "data_path", "tokenizer_model")
+
+
+def toy_defaults_notice(argv: list[str]) -> Optional[str]:
+    """A note naming the toy defaults a run without --config takes for the shape and data
+    flags it does not give (None when it gives --config or all of them)."""
+    args = vars(build_arg_parser().parse_args(argv))
+    if args.get("config") is not None:
+        return None
+    defaults = RunConfig()
+    missing = []
+    for key in SHAPE_KEYS:
+        if key not in args:
+            section, f = _flag_table()[key]
+            missing.append(f"{flag(key)} {getattr(getattr(defaults, section), f.name)}")
+    if not missing:
+        return None
+    return ("not given, so the toy defaults apply: " + ", ".join(missing)
+            + " (--data-path None: generated text; --tokenizer-model None: a SentencePiece "
+            "model of --vocab-size trained on the data). Name them, or start from an example "
+            "config: --config examples/tiny_moe_cpu.yaml")
 
 
 def fill_defaults(config: RunConfig) -> RunConfig:
@@ -413,17 +540,37 @@ def fill_defaults(config: RunConfig) -> RunConfig:
         m.moe_ffn_hidden_size = m.ffn_hidden_size
     if config.vision.vision_ffn_hidden_size is None:
         config.vision.vision_ffn_hidden_size = 4 * config.vision.vision_hidden_size
+    t = config.training
+    if t.train_samples is not None and t.global_batch_size >= 1:
+        t.train_iters = t.train_samples // t.global_batch_size  # as Megatron-LM
     if isinstance(config.data.data_path, str):  # set in code, not parsed
         config.data.data_path = [config.data.data_path]
     return config
 
 
 def validate_run_config(config: RunConfig, world_size: int, training: bool = True) -> None:
-    """Check a RunConfig for a run on ``world_size`` processes; raise ConfigError naming the flag.
+    """Check a RunConfig for a run on ``world_size`` processes; raise one ConfigError that
+    lists every problem found (``.problems``), each naming its flag.
 
-    Call before torch.distributed is initialised. ``training=False`` (eval): the batch-size
-    flags need not fit this world size, and a vision-language model needs no --data-path.
+    Needs no process group: call before torch.distributed is initialised (``megatron-stgc
+    validate --world-size N`` checks a many-rank config in one process). ``training=False``
+    (eval): the batch-size flags need not fit this world size, and a vision-language model
+    needs no --data-path. megatron-core's own TransformerConfig checks run last, and only
+    when nothing else was found (their errors would repeat ours).
     """
+    raise_problems(config_problems(config, world_size, training))
+
+
+def config_problems(config: RunConfig, world_size: int, training: bool = True) -> list[str]:
+    """Every problem of ``config`` for ``world_size`` processes (empty: valid)."""
+    problems = collect_problems([lambda: _validate_flags(config, world_size, training)])
+    if not problems:
+        problems = collect_problems([lambda: _validate_with_megatron_core(config)])
+    return problems
+
+
+def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
+    """The checks of validate_run_config but megatron-core's."""
     fill_defaults(config)
     m, p, t, pr = config.model, config.parallel, config.training, config.precision
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -527,6 +674,7 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
              "inverse-square-root, WSD")
     _require(0 <= t.lr_warmup_fraction < 1,
              f"--lr-warmup-fraction must lie in [0, 1), got {t.lr_warmup_fraction}")
+    check(_validate_megatron_lm_flags, config)
     _require(t.clip_grad >= 0, f"--clip-grad must be >= 0, got {t.clip_grad}")
     _require(t.weight_decay >= 0, f"--weight-decay must be >= 0, got {t.weight_decay}")
     _require(pr.fp8_format in (None, "e4m3", "hybrid"),
@@ -539,7 +687,7 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
              f"--log-interval must be >= 1, got {config.logging.log_interval}")
     _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
              f"--vocab-size must be >= 64, got {config.data.vocab_size}")
-    _validate_data(config)
+    check(_validate_data, config)
     if config.data.tokenizer_model is not None:
         _require(os.path.exists(config.data.tokenizer_model),
                  f"--tokenizer-model: {config.data.tokenizer_model} does not exist (a "
@@ -555,7 +703,9 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
              f"--keep-last must be >= 1, got {config.checkpoint.keep_last}")
     _require(config.checkpoint.keep_last is None or config.checkpoint.save is not None,
              "--keep-last needs --save")
-    _validate_load_tracker(config.checkpoint.load)
+    check(_validate_load_tracker, config.checkpoint.load)
+    check(_validate_load_options, config.checkpoint)
+    check(_validate_loggers, config.logging)
     _require(m.normalization in ("LayerNorm", "RMSNorm"),
              f"--normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
     _require(m.position_embedding_type in ("rope", "learned_absolute", "none"),
@@ -569,28 +719,88 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
                  "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core requires it)")
 
     _require(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
-    _validate_block_layout(config)
+    check(_validate_block_layout, config)
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
-    _validate_vision(config, training)
-    _validate_ltdr(config)
+    check(_validate_vision, config, training)
+    check(_validate_ltdr, config)
     from megatron_stgc.recipe_checks import validate_recipe
 
-    validate_recipe(config)
+    check(validate_recipe, config)
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
                  ("--fp8-format" if pr.fp8_format else "--use-te")
                  + " needs CUDA and Transformer Engine; this machine has no GPU")
+    check(_validate_stgc_options, config)
+    if config.stgc.enabled and m.num_experts is not None:
+        check(_validate_stgc_layers, config)
+        check(_validate_stgc_mean_source, config)
+
+
+def _validate_stgc_options(config: RunConfig) -> None:
     try:
         config.stgc.validate()
         if config.stgc.enabled:
-            config.stgc.layer_set(m.num_layers)
+            config.stgc.layer_set(config.model.num_layers)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config.stgc.enabled and m.num_experts is not None:
-        _validate_stgc_layers(config)
-        _validate_stgc_mean_source(config)
-    _validate_with_megatron_core(config)
+
+
+def _validate_loggers(log: LoggingConfig) -> None:
+    """A requested logger that could not start is an error before training, not a warning."""
+    import importlib.util
+
+    _require(log.tensorboard_dir is None or importlib.util.find_spec("tensorboard") is not None,
+             f"--tensorboard-dir {log.tensorboard_dir}: the tensorboard package is not "
+             "installed (pip install tensorboard)")
+    _require(log.wandb_project is None or importlib.util.find_spec("wandb") is not None,
+             f"--wandb-project {log.wandb_project}: the wandb package is not installed "
+             "(pip install wandb)")
+    for key in ("wandb_exp_name", "wandb_save_dir"):
+        _require(getattr(log, key) is None or log.wandb_project is not None,
+                 f"{flag(key)} needs --wandb-project")
+
+
+def _validate_load_options(ckpt: CheckpointConfig) -> None:
+    """--finetune, --no-load-optim, --no-load-rng need --load; --finetune with --load equal
+    to --save would start over at iteration 0 on every restart."""
+    for key in ("finetune", "no_load_optim", "no_load_rng"):
+        _require(not getattr(ckpt, key) or ckpt.load is not None, f"{flag(key)} needs --load")
+    _require(not (ckpt.finetune and ckpt.load is not None and ckpt.load == ckpt.save),
+             "--finetune with --load equal to --save: a restarted job would load its own "
+             "checkpoint and start over at iteration 0; --save to another folder")
+
+
+def _validate_megatron_lm_flags(config: RunConfig) -> None:
+    """--lr-warmup-iters, --lr-decay-iters, --train-samples, --moe-z-loss-coeff,
+    --moe-router-load-balancing-type, --moe-grouped-gemm, --sequence-parallel."""
+    m, t, p = config.model, config.training, config.parallel
+    decay = t.train_iters if t.lr_decay_iters is None else t.lr_decay_iters
+    _require(t.lr_decay_iters is None or t.lr_decay_iters >= 1,
+             f"--lr-decay-iters must be >= 1, got {t.lr_decay_iters}")
+    _require(t.lr_warmup_iters is None or 0 <= t.lr_warmup_iters < decay,
+             f"--lr-warmup-iters ({t.lr_warmup_iters}) must lie in [0, --lr-decay-iters "
+             f"or --train-iters ({decay}))")
+    _require(t.train_samples is None or t.train_samples >= t.global_batch_size,
+             f"--train-samples ({t.train_samples}) must be >= --global-batch-size "
+             f"({t.global_batch_size})")
+    _require(m.moe_z_loss_coeff is None or m.moe_z_loss_coeff >= 0,
+             f"--moe-z-loss-coeff must be >= 0, got {m.moe_z_loss_coeff}")
+    _require(not (m.moe_z_loss_coeff and config.ltdr.enabled),
+             "--moe-z-loss-coeff with --ltdr: LTDR's router takes no z-loss; drop one of them")
+    _require(m.moe_router_load_balancing_type == "aux_loss",
+             f"--moe-router-load-balancing-type {m.moe_router_load_balancing_type!r}: only "
+             "'aux_loss' (the paper's L_aux; for none set --moe-aux-loss-coeff 0)")
+    if m.moe_grouped_gemm is None and p.sequence_parallel is None:
+        return
+    from megatron_stgc.model.gpt import grouped_gemm_rule, sequence_parallel_rule
+
+    for key, given, (rule, why) in (
+            ("moe_grouped_gemm", m.moe_grouped_gemm, grouped_gemm_rule(config)),
+            ("sequence_parallel", p.sequence_parallel, sequence_parallel_rule(config))):
+        _require(given is None or given == rule,
+                 f"{flag(key)} {str(given).lower()}: this configuration has it "
+                 f"{'on' if rule else 'off'} ({why})")
 
 
 def _validate_block_layout(config: RunConfig) -> None:

@@ -5,26 +5,23 @@ capacity, the Gumbel second expert, --trainable-modules, --chat-template,
 from __future__ import annotations
 
 from megatron_stgc.config import ConfigError, RunConfig
+from megatron_stgc.problems import check, require as _require
 
 CHAT_TEMPLATES = ("plain", "moe-llava-stablelm", "moe-llava-phi", "moe-llava-qwen",
                   "moe-llava-plain")
 ASPECT_RATIOS = ("resize", "pad")
 # which freeze flag leaves a --trainable-modules group with nothing to train
-_GROUP_FROZEN_BY = {"vision": "freeze_vit", "projector": "freeze_projection",
-                    "embeddings": "freeze_lm", "attention": "freeze_lm", "norms": "freeze_lm",
-                    "dense-ffn": "freeze_lm"}
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+_LM_FREEZES = ("freeze_lm_except_moe", "freeze_language_model")
+_GROUP_FROZEN_BY = {"vision": ("freeze_vit",), "projector": ("freeze_projection",),
+                    "embeddings": _LM_FREEZES, "attention": _LM_FREEZES, "norms": _LM_FREEZES,
+                    "dense-ffn": _LM_FREEZES, "experts": ("freeze_language_model",),
+                    "routers": ("freeze_language_model",)}
 
 
 def validate_recipe(config: RunConfig) -> None:
-    _validate_capacity(config)
-    _validate_gumbel(config)
-    _validate_trainable(config)
-    _validate_data_recipe(config)
+    for group in (_validate_capacity, _validate_gumbel, _validate_trainable,
+                  _validate_data_recipe):
+        check(group, config)  # inside collect_problems: every group reports
 
 
 def _validate_capacity(config: RunConfig) -> None:
@@ -80,10 +77,10 @@ def _validate_trainable(config: RunConfig) -> None:
         if entry.text in ("vision", "projector"):
             _require(v.vision_model_type is not None,
                      f"--trainable-modules {entry.text} needs --vision-model-type")
-        frozen_by = _GROUP_FROZEN_BY.get(entry.text)
-        if frozen_by is not None and getattr(v, frozen_by):
-            raise ConfigError(f"--trainable-modules {entry.text} contradicts "
-                              f"--{frozen_by.replace('_', '-')}, which freezes all of it")
+        for frozen_by in _GROUP_FROZEN_BY.get(entry.text, ()):
+            if getattr(v, frozen_by):
+                raise ConfigError(f"--trainable-modules {entry.text} contradicts "
+                                  f"--{frozen_by.replace('_', '-')}, which freezes all of it")
 
 
 def _validate_data_recipe(config: RunConfig) -> None:

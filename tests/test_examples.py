@@ -52,7 +52,7 @@ def test_paper_settings_are_valid_for_two_nodes(model, layers, hidden, bias):
 
 
 def test_fp8_variant_asks_for_transformer_engine():
-    _, train = _split(_dry_run(PRECISION="fp8"))
+    _, train = _split(_dry_run(PRECISION="fp8", MODEL="stablelm", RDZV_HOST="node001"))
     config = parse_run_config(train)
     assert config.precision.bf16 and config.precision.fp8_format == "hybrid"
     assert config.model.use_te

@@ -91,15 +91,36 @@ def test_moe_llava_stage3_preset_trains_every_lm_ffn_routers_and_projector():
 def test_freeze_flags_subtract_from_the_selection():
     model, _ = make(trainable_modules="moe-llava-stage3", freeze_projection=True)
     assert trainable_ids(model) == stage3_reference(model, projector=False)
-    model, _ = make(trainable_modules="moe-llava-stage3", freeze_lm=True)
+    model, _ = make(trainable_modules="moe-llava-stage3", freeze_lm_except_moe=True)
     moe = model.language_model.decoder.layers[0].mlp
     assert trainable_ids(model) == ids(moe.router, moe.experts, model.vision_projection)
 
 
 def test_freeze_flags_alone_keep_their_meaning():
-    model, _ = make(freeze_vit=True, freeze_lm=True)
+    model, _ = make(freeze_vit=True, freeze_lm_except_moe=True)
     moe = model.language_model.decoder.layers[0].mlp
     assert trainable_ids(model) == ids(moe, model.vision_projection)
+
+
+def test_freeze_language_model_is_megatrons_freeze_LM():
+    """--freeze-language-model (Megatron-LM's --freeze-LM, also accepted by that name)
+    freezes the MoE layers too; --freeze-lm is the deprecated name of --freeze-lm-except-moe."""
+    from megatron_stgc.config import parse_run_config
+
+    model, _ = make(freeze_vit=True, freeze_language_model=True)
+    assert trainable_ids(model) == ids(model.vision_projection)
+    assert parse_run_config(["--freeze-LM"]).vision.freeze_language_model
+    with pytest.warns(FutureWarning, match="--freeze-lm is deprecated: it is "
+                      "--freeze-lm-except-moe"):
+        config = parse_run_config(["--freeze-lm"])
+    assert config.vision.freeze_lm_except_moe and not config.vision.freeze_language_model
+    with pytest.warns(FutureWarning):
+        assert config_from_flat({"freeze_lm": True}).vision.freeze_lm_except_moe
+    with pytest.raises(ConfigError, match="--trainable-modules experts contradicts "
+                       "--freeze-language-model"):
+        validate_run_config(config_from_flat({**FLAGS, "trainable_modules": "experts",
+                                              "freeze_language_model": True,
+                                              "image_root": "."}), world_size=1)
 
 
 def test_groups_and_patterns():
@@ -120,15 +141,15 @@ def test_selections_that_select_nothing_or_contradict_are_errors():
     with pytest.raises(TrainableSelectionError, match="contradicts --freeze-vit"):
         make(trainable_modules="vision_model.*", freeze_vit=True)
     with pytest.raises(TrainableSelectionError, match="no parameter trains"):
-        make(trainable_modules="moe-llava-stage3", num_experts=None, freeze_lm=True,
+        make(trainable_modules="moe-llava-stage3", num_experts=None, freeze_lm_except_moe=True,
              freeze_projection=True)
 
 
 @pytest.mark.parametrize("flags,message", [
     (dict(trainable_modules="projector", freeze_projection=True),
      "--trainable-modules projector contradicts --freeze-projection"),
-    (dict(trainable_modules="dense-ffn", freeze_lm=True),
-     "--trainable-modules dense-ffn contradicts --freeze-lm"),
+    (dict(trainable_modules="dense-ffn", freeze_lm_except_moe=True),
+     "--trainable-modules dense-ffn contradicts --freeze-lm-except-moe"),
     (dict(trainable_modules=" , "), "--trainable-modules is empty"),
     (dict(trainable_modules="vision", vision_model_type=None, image_root=None),
      "--trainable-modules vision needs --vision-model-type"),

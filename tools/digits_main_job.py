@@ -50,7 +50,7 @@ from megatron_stgc.analysis.plots import expert_token_totals  # noqa: E402
 
 DENSE = ["--num-experts", "none", "--expert-model-parallel-size", "1"]
 # MoE-LLaVA's stage III trainable set; until 2026-12-06 (the measured tables) it was
-# --freeze-vit --freeze-projection --freeze-lm (MoE layers only)
+# --freeze-vit --freeze-projection --freeze-lm-except-moe (MoE layers only)
 STAGE3 = ["--moe-use-upcycling", "--trainable-modules", "moe-llava-stage3"]
 RUNS = {"baseline": ["--stgc", "--stgc-beta", "0"], "stgc": ["--stgc"],
         # LTDR (docs/LTDR.md); conflicts measured at beta 0 as in the baseline

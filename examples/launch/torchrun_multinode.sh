@@ -6,14 +6,18 @@
 # (a dead rank, a lost node); the job then resumes from the newest complete
 # checkpoint in --load (written atomically, see megatron_stgc/training/checkpoint.py).
 #
-#   MODEL=stablelm|phi2|llava-stablelm|llava-phi2|llava-qwen|tiny   which example config
-#                                 (default stablelm; llava-qwen: examples/moe_llava/qwen_stage3.yaml)
+#   MODEL=llava-stablelm|llava-phi2|llava-qwen|stablelm|phi2|tiny   which example config
+#                                 (default llava-stablelm: MoE-LLaVA stage III, CLIP-L/336 +
+#                                 StableLM-2-1.6B; llava-qwen: examples/moe_llava/qwen_stage3.yaml;
+#                                 stablelm / phi2: the text-only language models)
 #   PRECISION=bf16|fp8|fp32       bf16 (default); fp8 = bf16 + Transformer Engine FP8
 #                                 (hybrid: E4M3 forward, E5M2 backward; needs Hopper+ GPUs)
 #   NNODES, NPROC_PER_NODE        default 2 nodes x 8 GPUs
-#   RDZV_HOST, RDZV_PORT, JOB_ID  rendezvous endpoint and id (same on every node)
+#   RDZV_HOST, RDZV_PORT, JOB_ID  rendezvous endpoint and id (same on every node); with
+#                                 NNODES > 1 RDZV_HOST is required (a node's hostname or
+#                                 address that every node reaches); NNODES=1 meets on 127.0.0.1
 #   MAX_RESTARTS                  default 3
-#   DRY_RUN=1                     print the command instead of running it
+#   DRY_RUN=1                     print the command instead of running it (checks as above)
 #   extra arguments               passed to `megatron_stgc train` (they override the YAML)
 #
 # e.g. on each of 2 nodes:  RDZV_HOST=node001 bash examples/launch/torchrun_multinode.sh
@@ -21,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-MODEL=${MODEL:-stablelm}
+MODEL=${MODEL:-llava-stablelm}
 case "$MODEL" in
   stablelm) CONFIG=examples/stablelm_1.6b_moe.yaml ;;
   phi2)     CONFIG=examples/phi2_2.7b_moe.yaml ;;
@@ -41,7 +45,18 @@ case "$PRECISION" in
 esac
 NNODES=${NNODES:-2}
 NPROC_PER_NODE=${NPROC_PER_NODE:-8}
-RDZV_HOST=${RDZV_HOST:-127.0.0.1}
+if ! [[ "$NNODES" =~ ^[0-9]+(:[0-9]+)?$ ]]; then
+  echo "NNODES must be a number of nodes or MIN:MAX, got '$NNODES'" >&2; exit 2
+fi
+if [[ -z "${RDZV_HOST:-}" ]]; then
+  if (( ${NNODES##*:} > 1 )); then
+    # every agent would wait on its own 127.0.0.1 for the others: a hang, not an error
+    echo "NNODES=$NNODES needs RDZV_HOST, the host of the rendezvous (e.g. the first node:" \
+         "RDZV_HOST=node001); for one node set NNODES=1" >&2
+    exit 2
+  fi
+  RDZV_HOST=127.0.0.1
+fi
 RDZV_PORT=${RDZV_PORT:-29500}
 JOB_ID=${JOB_ID:-megatron-stgc-$MODEL}
 MAX_RESTARTS=${MAX_RESTARTS:-3}

@@ -5,15 +5,12 @@ from __future__ import annotations
 from typing import Iterator
 
 from megatron_stgc.ltdr.router import LTDRRouter
+from megatron_stgc.plugin import modules_of_type
 
 
 def ltdr_routers(model) -> Iterator[LTDRRouter]:
     """Every LTDRRouter in a module or a list of model chunks."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
-        for module in chunk.modules():
-            if isinstance(module, LTDRRouter):
-                yield module
+    return modules_of_type(model, LTDRRouter)
 
 
 def attach_modality(model, modality_context) -> int:

@@ -8,15 +8,14 @@ gets its LTDRConfig through ``functools.partial`` (megatron-core builds the rout
 
 from __future__ import annotations
 
-import copy
 import functools
-from dataclasses import replace
 
 from megatron_stgc.ltdr.config import LTDRConfig
 from megatron_stgc.ltdr.router import LTDRRouter, STGCLTDRRouter
 from megatron_stgc.mcore_compat import moe_spec_parts, rebuild_moe_spec, replace_router
+from megatron_stgc.plugin import map_moe_layer_specs
 from megatron_stgc.stgc.router import STGCRouter
-from megatron_stgc.stgc.spec import STGCAttachError, layer_mlp_spec
+from megatron_stgc.stgc.spec import STGCAttachError
 
 
 class LTDRAttachError(STGCAttachError):
@@ -43,15 +42,6 @@ def ltdr_moe_spec(moe_spec, ltdr_config: LTDRConfig):
 
 def apply_ltdr(block_spec, ltdr_config: LTDRConfig):
     """A copy of a TransformerBlockSubmodules with LTDR on every MoE layer."""
-    block_spec = copy.copy(block_spec)
-    new_specs, attached = [], 0
-    for layer_spec in block_spec.layer_specs:
-        mlp = ltdr_moe_spec(layer_mlp_spec(layer_spec), ltdr_config)
-        if mlp is not None:
-            layer_spec = replace(layer_spec, submodules=replace(layer_spec.submodules, mlp=mlp))
-            attached += 1
-        new_specs.append(layer_spec)
-    if not attached:
-        raise LTDRAttachError("--ltdr is on but the model has no MoE layer (set --num-experts)")
-    block_spec.layer_specs = new_specs
-    return block_spec
+    return map_moe_layer_specs(
+        block_spec, lambda mlp: ltdr_moe_spec(mlp, ltdr_config),
+        LTDRAttachError("--ltdr is on but the model has no MoE layer (set --num-experts)"))

@@ -1,11 +1,13 @@
 """Which parameters train: --trainable-modules and --freeze-vit / --freeze-projection /
---freeze-lm.
+--freeze-lm-except-moe / --freeze-language-model.
 
 Frozen parameters get ``requires_grad = False`` before megatron-core's DDP and optimizer are
 built, so they have no grad buffer and no optimizer state.
 
 * ``--freeze-vit`` freezes the vision tower, ``--freeze-projection`` the projector,
-  ``--freeze-lm`` the language model except its MoE layers (routers and experts); dense
+  ``--freeze-language-model`` (Megatron-LM's ``--freeze-LM``) the whole language model,
+  ``--freeze-lm-except-moe`` (formerly ``--freeze-lm``) the language model except its MoE
+  layers (routers and experts); dense
   FFNs are frozen by it. (That is not MoE-LLaVA's stage III, which also trains every dense
   FFN and the projector: ``--trainable-modules moe-llava-stage3``, see model/trainable.py.)
 * ``--trainable-modules`` selects what trains; everything it does not select is frozen.
@@ -26,8 +28,14 @@ from megatron_stgc.model.llava import model_parts
 from megatron_stgc.model.trainable import (TrainableSelectionError, parse_trainable_modules,
                                            selected_parameter_names)
 
-FREEZE_FLAGS = {"vision_model": "--freeze-vit", "vision_projection": "--freeze-projection",
-                "language_model": "--freeze-lm"}
+def _freeze_flags(config: RunConfig) -> list[tuple[str, str, bool]]:
+    """(model part, flag, whether its MoE layers keep training) for each freeze flag set."""
+    v = config.vision
+    return [(part, flag, keep_moe) for part, flag, on, keep_moe in (
+        ("vision_model", "--freeze-vit", v.freeze_vit, False),
+        ("vision_projection", "--freeze-projection", v.freeze_projection, False),
+        ("language_model", "--freeze-lm-except-moe", v.freeze_lm_except_moe, True),
+        ("language_model", "--freeze-language-model", v.freeze_language_model, False)) if on]
 
 
 def _moe_parameter_ids(language_model: torch.nn.Module) -> set[int]:
@@ -37,18 +45,16 @@ def _moe_parameter_ids(language_model: torch.nn.Module) -> set[int]:
 
 def flag_frozen_names(model: torch.nn.Module, config: RunConfig) -> dict[str, set[str]]:
     """{freeze flag: names of the parameters it freezes} for the flags that are set."""
-    v = config.vision
-    on = {"vision_model": v.freeze_vit, "vision_projection": v.freeze_projection,
-          "language_model": v.freeze_lm}
     ids_to_names = {id(p): n for n, p in model.named_parameters()}
+    parts = model_parts(model)
     frozen: dict[str, set[str]] = {}
-    for part, module in model_parts(model).items():
-        if not on[part]:
+    for part, flag, keep_moe in _freeze_flags(config):
+        if part not in parts:
             continue
-        ids = {id(p) for p in module.parameters()}
-        if part == "language_model":
-            ids -= _moe_parameter_ids(module)  # --freeze-lm keeps the MoE layers training
-        frozen[FREEZE_FLAGS[part]] = {ids_to_names[i] for i in ids if i in ids_to_names}
+        ids = {id(p) for p in parts[part].parameters()}
+        if keep_moe:
+            ids -= _moe_parameter_ids(parts[part])
+        frozen[flag] = {ids_to_names[i] for i in ids if i in ids_to_names}
     return frozen
 
 

@@ -37,6 +37,29 @@ def this_machine() -> Hardware:
     return Hardware(cuda=True, transformer_engine=True)
 
 
+def sequence_parallel_rule(config: RunConfig,
+                           hardware: Hardware | None = None) -> tuple[bool, str]:
+    """(sequence parallelism on?, why): with TP > 1 and the TE spec."""
+    if config.parallel.tensor_model_parallel_size == 1:
+        return False, "it needs --tensor-model-parallel-size > 1"
+    if not use_transformer_engine(config, hardware):
+        return False, "it needs Transformer Engine norms; torch LayerNorm rejects it"
+    return True, "megatron-core requires it for MoE with tensor parallelism"
+
+
+def grouped_gemm_rule(config: RunConfig, hardware: Hardware | None = None) -> tuple[bool, str]:
+    """(grouped-GEMM experts?, why): with TE, for experts without biases."""
+    if config.model.num_experts is None:
+        return False, "it needs --num-experts"
+    if not use_transformer_engine(config, hardware):
+        return False, "TEGroupedMLP needs Transformer Engine"
+    if config.model.add_bias_linear:
+        # grouped GEMM has no expert biases (megatron-core asserts); biased experts
+        # (Phi-2's add_bias_linear) use SequentialMLP with TE linears instead
+        return False, "grouped GEMM has no expert biases (--add-bias-linear)"
+    return True, "the Transformer Engine spec uses TEGroupedMLP for unbiased experts"
+
+
 def use_transformer_engine(config: RunConfig, hardware: Hardware | None = None) -> bool:
     """TE spec when asked for, else when CUDA and TE are present; the local spec on CPU and
     for --parallel-attention-mlp (a local-spec layer, see model/parallel_block.py)."""
@@ -111,7 +134,7 @@ def transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = Non
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         # sequence parallelism needs TE norms (torch LayerNorm rejects it)
-        sequence_parallel=p.tensor_model_parallel_size > 1 and use_te,
+        sequence_parallel=sequence_parallel_rule(config, hardware)[0],
         # precision: BF16 params, fp32 main grads (DDP grad buffer) and fp32 router
         bf16=pr.bf16,
         params_dtype=params_dtype,
@@ -127,13 +150,12 @@ def transformer_config_kwargs(config: RunConfig, hardware: Hardware | None = Non
         moe_layer_freq=moe_layer_freq_value(config),  # int, or the --moe-layer-pattern list
         moe_aux_loss_coeff=m.moe_aux_loss_coeff if moe else 0.0,
         moe_router_load_balancing_type="aux_loss",
+        moe_z_loss_coeff=m.moe_z_loss_coeff if moe else None,
         moe_expert_capacity_factor=m.moe_expert_capacity_factor,
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,
         moe_token_drop_policy=m.moe_token_drop_policy,
         moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
-        # grouped GEMM has no expert biases (megatron-core asserts); biased experts
-        # (Phi-2's add_bias_linear) use SequentialMLP with TE linears instead
-        moe_grouped_gemm=use_te and moe and not m.add_bias_linear,
+        moe_grouped_gemm=grouped_gemm_rule(config, hardware)[0],
         moe_permute_fusion=False,
         moe_router_dtype="fp32",
         # kernels: fused paths only where CUDA exists

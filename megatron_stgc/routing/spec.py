@@ -15,14 +15,13 @@ Apply it last (after STGC and LTDR have chosen their router classes).
 
 from __future__ import annotations
 
-import copy
 import functools
-from dataclasses import replace
 
 from megatron_stgc.mcore_compat import install_topk_selection, moe_spec_parts, rebuild_moe_spec
 from megatron_stgc.mcore_compat import replace_router
+from megatron_stgc.plugin import map_moe_layer_specs
 from megatron_stgc.routing.gumbel import GumbelSecondExpert
-from megatron_stgc.stgc.spec import STGCAttachError, layer_mlp_spec
+from megatron_stgc.stgc.spec import STGCAttachError
 
 
 def build_gumbel_router(*args, router_builder, seed: int, **kwargs):
@@ -44,19 +43,10 @@ def gumbel_moe_spec(moe_spec, seed: int):
 
 def apply_gumbel_second_expert(block_spec, seed: int):
     """A copy of a TransformerBlockSubmodules whose MoE routers sample the second expert."""
-    block_spec = copy.copy(block_spec)
-    new_specs, attached = [], 0
-    for layer_spec in block_spec.layer_specs:
-        mlp = gumbel_moe_spec(layer_mlp_spec(layer_spec), seed)
-        if mlp is not None:
-            layer_spec = replace(layer_spec, submodules=replace(layer_spec.submodules, mlp=mlp))
-            attached += 1
-        new_specs.append(layer_spec)
-    if not attached:
-        raise STGCAttachError("--moe-router-gumbel-second-expert is on but the model has no MoE "
-                              "layer (set --num-experts)")
-    block_spec.layer_specs = new_specs
-    return block_spec
+    return map_moe_layer_specs(
+        block_spec, lambda mlp: gumbel_moe_spec(mlp, seed),
+        STGCAttachError("--moe-router-gumbel-second-expert is on but the model has no MoE "
+                        "layer (set --num-experts)"))
 
 
 def gumbel_selections(model) -> list[GumbelSecondExpert]:

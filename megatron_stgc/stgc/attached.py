@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from megatron_stgc.plugin import modules_of_type
 from megatron_stgc.stgc.layer import STGCMoELayer
 
 
 def stgc_layers(model) -> Iterator[STGCMoELayer]:
     """Every STGCMoELayer in a module or a list of model chunks."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
-        for module in chunk.modules():
-            if isinstance(module, STGCMoELayer):
-                yield module
+    return modules_of_type(model, STGCMoELayer)
 
 
 def set_consistency_collection(model, enabled: bool) -> None:

@@ -52,7 +52,7 @@ class PaperLayout:
     """The STGC paper's StableLM-2-1.6B MoE-LLaVA stage III on 16 GPUs (issue 12's layout).
 
     dense_ffn_params: trainable parameters outside the MoE layers, reduced over all DP
-    ranks. 0 when stage III trains the MoE layers only (this package's --freeze-lm); the
+    ranks. 0 when stage III trains the MoE layers only (this package's --freeze-lm-except-moe); the
     dense layers' FFNs (12 x 3 x 2048 x 5632 = 415M) if they train too, as MoE-LLaVA's
     ``--train_modules`` name-matching does (read in its source: docs/RECIPE.md; its
     projector trains too, --trainable-modules moe-llava-stage3).

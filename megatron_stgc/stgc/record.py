@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_stgc.plugin import RunningSums
 from megatron_stgc.stgc.capture import ExpertCapture
 from megatron_stgc.stgc.config import STGCConfig
 
@@ -74,47 +75,32 @@ METRIC_SUM_NAMES = (
 )
 
 
-class MetricSums:
+class MetricSums(RunningSums):
     """Running sums since the last collect, on the device they were computed on.
 
     Adding never copies to the host (no sync in backward); metrics.collect_stgc_metrics
-    takes them once per logged step and reduces them over ranks.
+    takes them once per logged step (``take``) and reduces them over ranks.
     """
 
     def __init__(self):
-        self.values: torch.Tensor | None = None  # [len(METRIC_SUM_NAMES)] float64
-
-    def _add(self, **named: torch.Tensor) -> None:
-        device = next(iter(named.values())).device
-        if self.values is None:
-            self.values = torch.zeros(len(METRIC_SUM_NAMES), dtype=torch.float64, device=device)
-        for name, value in named.items():
-            index = METRIC_SUM_NAMES.index(name)
-            self.values[index] += value.detach().to(self.values.device, torch.float64)
+        super().__init__(METRIC_SUM_NAMES)
 
     def add_backward(self, token_loss, judged_pairs, conflicting_pairs, conflict_score_sum):
         """One backward's global (already all-reduced) totals, 0-d tensors."""
-        self._add(token_loss=token_loss, judged_pairs=judged_pairs,
+        self.add(token_loss=token_loss, judged_pairs=judged_pairs,
                   conflicting_pairs=conflicting_pairs, conflict_score_sum=conflict_score_sum,
                   backward_count=torch.ones((), device=token_loss.device))
 
     def add_mean_fallback(self, device) -> None:
         """One backward that used the micro-batch mean in place of the previous step's."""
-        self._add(mean_fallbacks=torch.ones((), device=device))
+        self.add(mean_fallbacks=torch.ones((), device=device))
 
     def add_consistency(self, consistency: torch.Tensor) -> None:
         """Per-expert gradient consistency [local_E], NaN for experts with < 2 tokens."""
         defined = ~torch.isnan(consistency)
-        self._add(consistency_sum=torch.where(defined, consistency, 0.0).sum(),
+        self.add(consistency_sum=torch.where(defined, consistency, 0.0).sum(),
                   consistency_count=defined.sum())
 
-    def take(self, device) -> torch.Tensor:
-        """The sums as a [len(METRIC_SUM_NAMES)] float64 tensor on ``device``; then reset."""
-        values = self.values
-        self.values = None
-        if values is None:
-            return torch.zeros(len(METRIC_SUM_NAMES), dtype=torch.float64, device=device)
-        return values.to(device)
 
 
 @dataclass

@@ -5,8 +5,8 @@ Layout under ``--save``::
     iter_0000010/                      one dist_checkpointing directory per save
     latest_checkpointed_iteration.txt  the newest complete iteration
 
-A checkpoint holds the model's and the optimizer's sharded state dicts (so it
-can be loaded on another DP/EP layout), the LR scheduler state, the data
+A checkpoint holds the model's and the optimizer's sharded state dicts, the LR
+scheduler state, the data
 position (iteration, consumed samples) and every rank's RNG states (CPU,
 CUDA and megatron's model-parallel RNG tracker). It is written to
 ``iter_XXXXXXX.tmp-<stamp>`` and published with an atomic rename by rank 0
@@ -15,6 +15,14 @@ that. A crash mid-save therefore never leaves a half-written checkpoint
 behind a tracker entry. A staging directory left by a crashed save is
 deleted by the next save; with ``keep_last`` only the newest K published
 checkpoints are kept (older ones are deleted after the tracker moved on).
+
+Another layout: the weights reshard (eval and export load an EP=2 checkpoint into one
+process); the distributed optimizer's state is saved "dp_reshardable" (below), which
+megatron-core reshards across data-parallel sizes only. Whether a full resume with the
+optimizer state works after an EP change is not tested here: change the layout with
+``--no-load-optim`` (weights, iteration, data position; a fresh optimizer) instead.
+``load_optim=False`` / ``load_rng=False`` are --no-load-optim / --no-load-rng; --finetune
+loads the weights only (training/train.py, resume_or_start).
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _PUBLISHED = re.compile(r"^iter_(\d{7})$")
 _LEFTOVER = re.compile(r"^iter_\d{7}\.(tmp|replaced)-\d+$")
 FORMAT_VERSION = 1
-# The distributed optimizer's default format (flattened ranges) is rejected by
-# megatron-core 0.16's own ShardedTensor validation; "fully_reshardable" stores
-# the optimizer state per parameter, so a checkpoint loads on any DP/EP layout.
+# The distributed optimizer's state format; "dp_reshardable" reshards across data-parallel
+# sizes (megatron-core's DistributedOptimizer.sharded_state_dict); "fully_reshardable" (per
+# parameter, any layout) was not tried here (issue 24 part 5: not done).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -98,7 +106,7 @@ def _set_rng_state(state: dict) -> None:
 
 def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
                    is_loading: bool, with_rng: bool = True,
-                   data_state: Optional[dict] = None) -> dict:
+                   data_state: Optional[dict] = None, with_optimizer: bool = True) -> dict:
     """The whole state as one sharded state dict (model, optimizer, scheduler, RNG, data).
 
     data_state: this rank's data-set state (bad-sample counters, see
@@ -107,14 +115,15 @@ def _sharded_state(model, optimizer, scheduler, progress: TrainProgress,
     model_state = model[0].module.sharded_state_dict()
     state = {
         "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                  metadata=OPTIMIZER_METADATA),
-        "scheduler": scheduler.state_dict(),
         "progress": {"iteration": progress.iteration,
                      "consumed_samples": progress.consumed_samples},
         "format_version": FORMAT_VERSION,
         "world_size": world,
     }
+    if with_optimizer:  # without: --no-load-optim (optimizer and scheduler start fresh)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_METADATA)
+        state["scheduler"] = scheduler.state_dict()
     if with_rng:
         # one RNG snapshot per global rank
         state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
@@ -280,9 +289,13 @@ def _check_format(path: str, saved_version: int) -> None:
 
 
 def load_checkpoint(root: str, model, optimizer, scheduler,
-                    iteration: Optional[int] = None, restore_data_state=None) -> TrainProgress:
+                    iteration: Optional[int] = None, restore_data_state=None,
+                    load_optim: bool = True, load_rng: bool = True) -> TrainProgress:
     """Load the tracker's (or ``iteration``'s) checkpoint into model, optimizer,
     scheduler and RNG states collectively; returns the saved progress.
+
+    load_optim=False (--no-load-optim): the optimizer and scheduler keep their fresh state;
+    load_rng=False (--no-load-rng): the RNG states stay as they are.
 
     restore_data_state: called with this rank's saved data-set state, when the checkpoint
     has one and the world size is the same (else the data-set counters start fresh).
@@ -298,17 +311,22 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
               "resharded, RNG states and bad-sample counters start fresh", flush=True)
     with_data = bool(common.get("has_data_state")) and same_world \
         and restore_data_state is not None
-    _materialize_distributed_adam_state(optimizer)
+    with_rng = same_world and load_rng
+    if load_optim:
+        _materialize_distributed_adam_state(optimizer)
     template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True,
-                              with_rng=same_world, data_state={} if with_data else None)
+                              with_rng=with_rng, data_state={} if with_data else None,
+                              with_optimizer=load_optim)
     state = dist_checkpointing.load(template, path)
     _check_format(path, state["format_version"])
     with torch.no_grad():  # loading writes into parameters in place
         model[0].module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    _restore_adam_steps(optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    if same_world:
+        if load_optim:
+            optimizer.load_state_dict(state["optimizer"])
+    if load_optim:
+        _restore_adam_steps(optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+    if with_rng:
         _set_rng_state(state["rng_state"])
     if with_data:
         restore_data_state(state["data_state"])

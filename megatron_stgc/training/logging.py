@@ -1,4 +1,5 @@
-"""Logging on log steps: a progress line, a JSONL record, optional TensorBoard.
+"""Logging on log steps: a progress line, a JSONL record, optional TensorBoard and Weights &
+Biases (the config check refuses either when its package is missing: config._validate_loggers).
 
 Only rank 0 writes. The training loop calls ``log`` on log steps only (every
 ``--log-interval`` steps, at checkpoint saves and at the run's last step), each
@@ -17,8 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
+
+import torch
 
 PROGRESS_KEYS = ("loss", "moe/load_balancing_loss", "stgc/token_loss", "stgc/conflict_fraction",
                  "lr", "grad_norm", "tokens_per_second")
@@ -37,13 +42,17 @@ class StepLogger:
 
     def __init__(self, rank: int, train_iters: int, log_file: Optional[str] = None,
                  tensorboard_dir: Optional[str] = None,
-                 progress_keys: tuple[str, ...] = PROGRESS_KEYS, stream=None):
+                 progress_keys: tuple[str, ...] = PROGRESS_KEYS, stream=None, wandb_run=None,
+                 clock: Callable[[], float] = time.monotonic):
         self.is_writer = rank == 0
         self.train_iters = train_iters
         self.progress_keys = progress_keys
         self.stream = stream or sys.stdout
         self.jsonl = None
         self.tensorboard = None
+        self.wandb = wandb_run if self.is_writer else None  # a wandb Run, opened on rank 0
+        self.clock = clock
+        self.first_log: Optional[tuple[int, float]] = None  # (iteration, clock) of the first log
         if not self.is_writer:
             return
         if log_file is not None:
@@ -63,10 +72,27 @@ class StepLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "iteration":
                     self.tensorboard.add_scalar(key, value, iteration)
+        if self.wandb is not None:
+            self.wandb.log({key: value for key, value in record.items()
+                            if isinstance(value, (int, float)) and key != "iteration"},
+                           step=iteration)
         parts = [f"step {iteration}/{self.train_iters}"]
         parts += [f"{key} {_format(record[key])}" for key in self.progress_keys
                   if key in record and record[key] is not None]
+        parts += self._time_and_memory(iteration)
         print(" | ".join(parts), file=self.stream, flush=True)
+
+    def _time_and_memory(self, iteration: int) -> list[str]:
+        """Wall clock since the first log, the ETA at the rate since then, peak memory."""
+        now = self.clock()
+        if self.first_log is None:
+            self.first_log = (iteration, now)
+        first_iteration, started = self.first_log
+        parts = [f"elapsed {_duration(now - started)}"]
+        if iteration > first_iteration:
+            per_step = (now - started) / (iteration - first_iteration)
+            parts.append(f"eta {_duration(per_step * max(self.train_iters - iteration, 0))}")
+        return parts + [f"mem {_peak_memory_gib():.2f} GiB"]
 
     def message(self, text: str) -> None:
         if self.is_writer:
@@ -79,6 +105,26 @@ class StepLogger:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _duration(seconds: float) -> str:
+    """'1h02m03s' / '2m03s' / '3s'."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _peak_memory_gib() -> float:
+    """Peak GPU memory allocated by this process, or on CPU its peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _jsonable(value):
@@ -92,10 +138,19 @@ def _jsonable(value):
 
 
 def _open_tensorboard(directory: str, stream):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print(f"--tensorboard-dir {directory}: tensorboard is not installed "
-              "(pip install tensorboard); TensorBoard logging is off", file=stream, flush=True)
-        return None
+    from torch.utils.tensorboard import SummaryWriter  # checked with the config
+
     return SummaryWriter(log_dir=directory)
+
+
+def open_wandb(config):
+    """A Weights & Biases run for --wandb-project (call on rank 0 only), or None."""
+    log = config.logging
+    if log.wandb_project is None:
+        return None
+    import wandb  # checked with the config
+
+    if log.wandb_save_dir is not None:
+        os.makedirs(log.wandb_save_dir, exist_ok=True)
+    return wandb.init(project=log.wandb_project, name=log.wandb_exp_name,
+                      dir=log.wandb_save_dir, config=config.to_dict())

@@ -63,14 +63,16 @@ def optimizer_config_from(config: RunConfig) -> OptimizerConfig:
 
 def build_scheduler(optimizer: MegatronOptimizer, config: RunConfig) -> OptimizerParamScheduler:
     t = config.training
-    warmup = int(t.lr_warmup_fraction * t.train_iters)
+    decay = t.train_iters if t.lr_decay_iters is None else t.lr_decay_iters
+    warmup = (int(t.lr_warmup_fraction * t.train_iters) if t.lr_warmup_iters is None
+              else t.lr_warmup_iters)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup > 0 else t.lr,
         max_lr=t.lr,
         min_lr=t.min_lr,
         lr_warmup_steps=warmup,
-        lr_decay_steps=t.train_iters,
+        lr_decay_steps=decay,
         lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
@@ -116,7 +118,9 @@ def _what_decides_training(config: RunConfig) -> str:
     v = config.vision
     flags = [flag for flag, on in (("--freeze-vit", v.freeze_vit),
                                    ("--freeze-projection", v.freeze_projection),
-                                   ("--freeze-lm", v.freeze_lm)) if on]
+                                   ("--freeze-lm-except-moe", v.freeze_lm_except_moe),
+                                   ("--freeze-language-model", v.freeze_language_model))
+             if on]
     if v.trainable_modules is not None:
         flags.insert(0, f"--trainable-modules {v.trainable_modules}")
     return " ".join(flags)

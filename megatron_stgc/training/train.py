@@ -26,12 +26,13 @@ from megatron_stgc.data.dataset import PackedDataset, build_dataset
 from megatron_stgc.data.loader import BatchStream
 from megatron_stgc.data.tokenizer import Tokenizer
 from megatron_stgc.training import elastic
-from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint, read_tracker,
+from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint,
+                                               load_model_weights, read_tracker,
                                                save_checkpoint)
 from megatron_stgc.training.expert_load import ExpertLoadCounter
 from megatron_stgc.training.guards import install_nonfinite_guard
 from megatron_stgc.training.interval_metrics import IntervalMetrics, is_log_step
-from megatron_stgc.training.logging import StepLogger
+from megatron_stgc.training.logging import StepLogger, open_wandb
 from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
 from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
                                                unregister_stgc_metrics)
@@ -191,9 +192,20 @@ def resume_or_start(config: RunConfig, objects: TrainingObjects, logger: StepLog
     if read_tracker(load) is None and load == config.checkpoint.save:
         logger.message(f"--load {load}: no checkpoint yet; starting from iteration 0")
         return TrainProgress()
+    save = config.checkpoint.save
+    if config.checkpoint.finetune and save is not None and read_tracker(save) is not None:
+        logger.message(f"--finetune: {save} has this run's checkpoints; resuming from them")
+        load = save  # a restarted fine-tuning run goes on, it does not start over
+    elif config.checkpoint.finetune:  # Megatron-LM's --finetune: weights only, iteration 0
+        saved = load_model_weights(load, objects.model)
+        logger.message(f"--finetune: weights of {load} iteration {saved.iteration}; "
+                       "starting at iteration 0 with a fresh optimizer")
+        return TrainProgress()
     restore = getattr(dataset, "restore_data_state", None)
     progress = load_checkpoint(load, objects.model, objects.optimizer, objects.scheduler,
-                               restore_data_state=restore)
+                               restore_data_state=restore,
+                               load_optim=not config.checkpoint.no_load_optim,
+                               load_rng=not config.checkpoint.no_load_rng)
     logger.message(f"resumed from {load} at iteration {progress.iteration} "
                    f"({progress.consumed_samples} samples consumed)")
     return progress
@@ -299,7 +311,8 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
     try:
         dataset, tokenizer, objects = build_run(config)
         logger = StepLogger(dist.get_rank(), config.training.train_iters,
-                            config.logging.log_file, config.logging.tensorboard_dir)
+                            config.logging.log_file, config.logging.tensorboard_dir,
+                            wandb_run=open_wandb(config) if dist.get_rank() == 0 else None)
         logger.message(_describe(config, objects, tokenizer, dataset))
         for note in objects.notes:
             logger.message(note)
