@@ -4,8 +4,11 @@ group; ``--version``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
-import torch.distributed as dist
 import yaml
 
 from example_paths import llava_example_paths
@@ -14,6 +17,7 @@ from megatron_stgc.config import ConfigError, parse_run_config, validate_run_con
 
 TINY = ["--config", "examples/tiny_moe_cpu.yaml"]
 LLAVA = ["--config", "examples/llava_stablelm_1.6b_clip336.yaml"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_validation_reports_every_problem():
@@ -40,13 +44,19 @@ def test_validate_command_lists_the_problems(capsys):
 
 
 def test_validate_a_16_rank_config_in_one_process(tmp_path, capsys, monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    """In a fresh process with no torchrun variables: valid, and no process group made."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     args = ["validate", "--world-size", "16"] + LLAVA + llava_example_paths(tmp_path)
-    assert cli.main(args) == 0, capsys.readouterr().err
+    probe = ("import sys, torch.distributed as dist; from megatron_stgc import cli; "
+             "code = cli.main(sys.argv[1:]); print('group', dist.is_initialized()); "
+             "sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "valid for world size 16: tensor-parallel 1, expert-parallel 4, data-parallel 16" \
-        in capsys.readouterr().out
-    assert not dist.is_initialized()
+        in done.stdout
+    assert "group False" in done.stdout
     # the same config for 6 ranks: EP 4 does not divide DP 6
     assert cli.main(args[:2] + ["6"] + args[3:]) == 2
     assert "--expert-model-parallel-size (4) must divide the data-parallel size (6" in \
