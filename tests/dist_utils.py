@@ -58,7 +58,10 @@ def _rank_main(rank: int, world_size: int, port: int, result_dir: str, fn: Calla
     cpu_bridge.install()
     outcome: dict[str, Any]
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # the parent holds the store's server (bound to port 0, so no other process can take
+        # the port between choosing and binding it)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         outcome = {"result": fn(rank, world_size, *args)}
     except BaseException:  # report every failure to the parent, with its traceback
         outcome = {"error": traceback.format_exc()}
@@ -74,7 +77,8 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 600) -> 
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; per-rank results."""
     with tempfile.TemporaryDirectory() as result_dir:
         context = mp.get_context("spawn")
-        port = free_port()
+        server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        port = server.port
         processes = [context.Process(target=_rank_main,
                                      args=(rank, world_size, port, result_dir, fn, args))
                      for rank in range(world_size)]
