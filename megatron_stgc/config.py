@@ -199,6 +199,10 @@ class LoggingConfig:
     log_interval: int = 1
     log_file: Optional[str] = None
     tensorboard_dir: Optional[str] = None
+    # routing-stability probe (training/routing_stability.py): a fixed batch (this rank's
+    # micro-batches of the first step) runs through the model without gradients at the start
+    # and on a log step once this many steps passed since the last probe; 0 = never
+    routing_probe_interval: int = 20
 
 
 SECTIONS = {
@@ -537,6 +541,9 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
              "--save-interval needs --save")
     _require(config.logging.log_interval >= 1,
              f"--log-interval must be >= 1, got {config.logging.log_interval}")
+    _require(config.logging.routing_probe_interval >= 0,
+             "--routing-probe-interval must be >= 0 (0 = no routing probe), got "
+             f"{config.logging.routing_probe_interval}")
     _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
              f"--vocab-size must be >= 64, got {config.data.vocab_size}")
     _validate_data(config)

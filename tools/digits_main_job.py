@@ -60,6 +60,7 @@ LTDR_METRICS = {"ltdr/tail_fraction": "LTDR tail fraction of image tokens",
                 "ltdr/experts_per_vision_token": "LTDR experts per image token",
                 "ltdr/text_balance_loss": "balancing loss on text tokens"}
 LAST_STEPS = 20  # final loss / conflict fraction / expert loads: mean or sum over these
+CHURN_STEPS = 100  # routing churn rows: mean over these last steps (training/routing_stability.py)
 
 
 def torchrun(nproc: int, command: list[str], log_path: str) -> float:
@@ -105,11 +106,29 @@ def summarise(run_dir: str, results: dict, train_seconds: float) -> dict[str, ob
         row["conflict fraction"] = f"{fraction:.4f}"
     row.update(ltdr_rows(last))
     row.update(modality_shares(last))
+    row.update(churn_rows(last_steps(records, CHURN_STEPS)))
     row["train seconds (2 procs)"] = f"{train_seconds:.0f}"
     step_times = sorted(r["step_time_s"] for r in after_step(records, 5) if "step_time_s" in r)
     if step_times:  # the per-step cost of LTDR / STGC, comparable between the runs
         row["median step time s (after step 5)"] = f"{step_times[len(step_times) // 2]:.3f}"
     return row
+
+
+def churn_rows(records: list[dict]) -> dict[str, str]:
+    """Per MoE layer: step-to-step TV of image / text load shares and the probe tokens whose
+    top-k set changed per probe (every 20 steps), means over ``records`` (the last
+    CHURN_STEPS steps; MoE runs only)."""
+    rows = {}
+    layers = sorted({int(key.split("/")[1][len("layer"):]) for r in records for key in r
+                     if key.startswith("routing/layer")})
+    for layer in layers:
+        for metric, label in (("load_tv", "load-share TV step to step"),
+                              ("topk_change", "probe top-k change per 20 steps")):
+            pair = [step_mean(records, f"routing/layer{layer}/{metric}_{modality}")
+                    for modality in ("image", "text")]
+            if None not in pair:
+                rows[f"layer_{layer} {label} image / text"] = f"{pair[0]:.3f} / {pair[1]:.3f}"
+    return rows
 
 
 def ltdr_rows(records: list[dict]) -> dict[str, str]:
@@ -281,7 +300,7 @@ def main(argv=None) -> int:
     text = format_table(rows, list(table))
     plots = write_plots(run_dirs, os.path.join(output, "plots"))
     text += (f"\n(stage II {args.dense_iters} steps dense; stage III {args.stage3_iters} steps from "
-             f"it, upcycled, MoE layers only; one seed ({args.seed}): the spread over seeds is in "
+             f"it, upcycled, MoE-LLaVA's trainable set; churn rows: mean over the last {CHURN_STEPS} steps; one seed ({args.seed}): the spread over seeds is in "
              f"docs/STUDY.md (tools/study.py); total wall time "
              f"{time.perf_counter() - start:.0f} s)\n")
     if plots:
