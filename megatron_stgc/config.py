@@ -597,6 +597,10 @@ def validate_run_config(config: RunConfig, world_size: int, training: bool = Tru
     if config.stgc.enabled and m.num_experts is not None:
         _validate_stgc_layers(config)
         _validate_stgc_mean_source(config)
+        _require(config.stgc.modalities == "all" or config.vision.vision_model_type is not None,
+                 f"--stgc-modalities {config.stgc.modalities} needs a vision-language model "
+                 "(--vision-model-type): a text-only model has no image tokens; use "
+                 "--stgc-modalities all")
     _validate_with_megatron_core(config)
 
 
