@@ -176,12 +176,14 @@ def run_flags_for(common: list[str], run_dir: str, extra: list[str]) -> list[str
 
 
 def prepare_stage2(output: str, config: str, nproc: int, seed: int, data_seed: int,
-                   dense_iters: int, extra: list[str], reuse_export: bool = False) -> dict:
+                   dense_iters: int, extra: list[str], reuse_export: bool = False,
+                   question_first: bool = False) -> dict:
     """Data, stage II (dense, everything trainable) and its export: what every stage III starts
     from. Returns {"data_dir", "common", "pretrained", "dense_dir", "dense_flags", "seconds"}.
-    reuse_export: an existing export is taken as it is (no torchrun at all)."""
+    reuse_export: an existing export is taken as it is (no torchrun at all).
+    question_first: the mix with the question before <image> (data/digits.py)."""
     data_dir = os.path.join(output, "data")
-    mix = build_digits_mix(data_dir, seed=data_seed)
+    mix = build_digits_mix(data_dir, seed=data_seed, question_first=question_first)
     print(f"data: {mix['counts']} ({'reused' if mix['reused'] else 'built'})", flush=True)
     common = ["--config", config, "--data-path", os.path.join(data_dir, "train.json"),
               "--image-root", data_dir, "--cache-dir", os.path.join(output, "cache"),
@@ -266,6 +268,10 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-export-run", default="stgc",
                         help="the stage III run exported with --format hf and answered with "
                              "transformers' generate (compared with eval); 'none' skips it")
+    parser.add_argument("--question-first", action="store_true",
+                        help="the digits mix with the question before <image> (image tokens "
+                             "see the question); skips the HF export check, whose prompts put "
+                             "the image first")
     parser.add_argument("--with-ltdr", action="store_true",
                         help=f"also run {LTDR_RUNS} (LTDR, STGC + LTDR; two more stage III runs)")
     args, extra = parser.parse_known_args(argv)
@@ -273,10 +279,12 @@ def main(argv=None) -> int:
         args.runs = ",".join(dict.fromkeys(args.runs.split(",") + LTDR_RUNS.split(",")))
     extra = [a for a in extra if a != "--"]
     output = os.path.abspath(args.output)
+    if args.question_first:
+        args.hf_export_run = "none"
 
     start = time.perf_counter()
     stage2 = prepare_stage2(output, args.config, args.nproc, args.seed, args.data_seed,
-                            args.dense_iters, extra)
+                            args.dense_iters, extra, question_first=args.question_first)
     data_dir = stage2["data_dir"]
     table: dict[str, dict[str, object]] = {}
     results = evaluate(args.nproc, "dense", stage2["dense_dir"], stage2["dense_flags"], data_dir)
