@@ -236,6 +236,10 @@ class LoggingConfig:
     # folder of W&B's files (default: W&B's, ./wandb); WANDB_MODE=offline keeps the run on
     # disk (`wandb sync` uploads it later)
     wandb_save_dir: Optional[str] = None
+    # routing-stability probe (training/routing_stability.py): a fixed batch (this rank's
+    # micro-batches of the first step) runs through the model without gradients at the start
+    # and on a log step once this many steps passed since the last probe; 0 = never
+    routing_probe_interval: int = 20
 
 
 SECTIONS = {
@@ -685,6 +689,9 @@ def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
              "--save-interval needs --save")
     _require(config.logging.log_interval >= 1,
              f"--log-interval must be >= 1, got {config.logging.log_interval}")
+    _require(config.logging.routing_probe_interval >= 0,
+             "--routing-probe-interval must be >= 0 (0 = no routing probe), got "
+             f"{config.logging.routing_probe_interval}")
     _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
              f"--vocab-size must be >= 64, got {config.data.vocab_size}")
     check(_validate_data, config)
@@ -735,6 +742,10 @@ def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
     if config.stgc.enabled and m.num_experts is not None:
         check(_validate_stgc_layers, config)
         check(_validate_stgc_mean_source, config)
+        _require(config.stgc.modalities == "all" or config.vision.vision_model_type is not None,
+                 f"--stgc-modalities {config.stgc.modalities} needs a vision-language model "
+                 "(--vision-model-type): a text-only model has no image tokens; use "
+                 "--stgc-modalities all")
 
 
 def _validate_stgc_options(config: RunConfig) -> None:

@@ -210,3 +210,48 @@ def test_cli_reports_counts(mix, capsys):
     out = capsys.readouterr().out
     assert "reused" in out and str(mix["counts"]["train_records"]) in out
     assert "greater_than_four" in out and str(mix["counts"]["val_images"]) in out
+
+
+def test_question_first_puts_the_image_after_the_question(mix, train, tmp_path):
+    """--question-first (issue 22): the same records with the <image> tag after the question,
+    in train.json and val_questions.jsonl; tokenized, every image id comes after the
+    question's ids (so causal attention lets image tokens see the question)."""
+    from megatron_stgc.data.conversation import prompt_tokens, tokenize_conversation
+    from megatron_stgc.data.tokenizer import Tokenizer, train_tokenizer
+
+    first = build_digits_mix(str(tmp_path / "qfirst"), seed=5, question_first=True)
+    assert first["parameters"]["question_first"] and not mix["parameters"]["question_first"]
+    with open(first["train"]) as f:
+        records = json.load(f)
+    assert [r["id"] for r in records] == [r["id"] for r in train]
+    for ours, default in zip(records, train):
+        human, plain = ours["conversations"][0]["value"], default["conversations"][0]["value"]
+        if "image" in ours:
+            question = plain[len("<image>\n"):]
+            assert plain == f"<image>\n{question}"
+            assert human == f"{question}\n<image>"
+        else:
+            assert human == plain
+    questions = read_jsonl(first["val_questions"])
+    assert all(q["text"].endswith("\n<image>") == ("image" in q) for q in questions)
+
+    model = str(tmp_path / "spm.model")
+    train_tokenizer([r["conversations"][0]["value"].replace("<image>", "") + " "
+                     + r["conversations"][1]["value"] for r in records[:500]], 128, model)
+    tokenizer = Tokenizer(model)
+    image_id, count = 10_000, 4
+    with open(first["val"]) as f:
+        record = next(r for r in json.load(f) if "image" in r)  # a validation question
+    question = record["conversations"][0]["value"][:-len("\n<image>")]
+    ids = tokenize_conversation(record["conversations"], tokenizer, has_image=True,
+                                image_token_id=image_id, num_image_tokens=count,
+                                max_length=200).tokens.tolist()
+    image_at = [i for i, t in enumerate(ids) if t == image_id]
+    assert len(image_at) == count and image_at == list(range(image_at[0], image_at[0] + count))
+    before, after = tokenizer.decode(ids[:image_at[0]]), tokenizer.decode(ids[image_at[-1] + 1:])
+    assert before.rstrip().endswith(question)  # the whole question before the image ...
+    assert question.split()[-1] not in after  # ... and none of it after
+    line = next(q for q in questions if q["question_id"] == record["id"])
+    prompt = prompt_tokens(line["text"], tokenizer, has_image=True, image_token_id=image_id,
+                           num_image_tokens=count)
+    assert prompt[:image_at[0] + count] == ids[:image_at[0] + count]  # eval sees the same

@@ -10,6 +10,7 @@ scores are written.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -19,6 +20,7 @@ from megatron_stgc.data.digits import build_digits_mix
 
 EXAMPLE = os.path.join(REPO, "examples", "tiny_llava_digits.yaml")
 STEPS = 40
+PROBE_INTERVAL = 3  # the routing probe runs at the start and every 3 steps (fresh run: never)
 
 
 def torchrun(command: str, flags: list[str], nproc: int = 2) -> list[str]:
@@ -39,7 +41,7 @@ def trained(tmp_path_factory):
              "--cache-dir", str(root / "cache"), "--save", run, "--load", run,
              "--log-file", f"{run}/log.jsonl", "--train-iters", str(STEPS), "--log-interval", "1",
              "--save-interval", str(STEPS), "--lr-warmup-fraction", "0", "--stgc",
-             "--num-workers", "2"]
+             "--num-workers", "2", "--routing-probe-interval", str(PROBE_INTERVAL)]
     output = run_job(torchrun("train", flags), str(root / "train.out"), timeout=600)
     return {"root": root, "mix": mix, "run": run, "flags": flags, "output": output}
 
@@ -60,6 +62,15 @@ def test_modality_loads_and_stgc_metrics_are_logged(trained):
         assert sum(layer["image"]) > 0 and sum(layer["text"]) > 0
         assert len(layer["image"]) == 4
     assert 0 <= record["stgc/conflict_fraction"] <= 1
+    for layer in (1, 3):  # routing stability (training/routing_stability.py)
+        for group in ("", "_text", "_image"):
+            assert 0 <= record[f"routing/layer{layer}/load_tv{group}"] <= 1
+    probed = [r for r in read_jsonl(os.path.join(trained["run"], "log.jsonl"))
+              if "routing/topk_change" in r]
+    assert [r["iteration"] for r in probed] == list(range(PROBE_INTERVAL, STEPS + 1,
+                                                          PROBE_INTERVAL))
+    assert all(0 <= r["routing/topk_change_image"] <= 1 for r in probed)
+    assert all(0 < r["routing/entropy_image"] <= math.log(4) + 1e-9 for r in probed)
     assert record["bad_samples_in_use"] == 0
     assert "bad samples found in use (all ranks): none" in trained["output"]
 
@@ -187,15 +198,17 @@ def test_export_gathers_every_expert_into_one_pretrained_checkpoint(trained):
 
 def test_a_fresh_run_repeats_every_loss_exactly(trained, tmp_path):
     """Same command and seed, fresh directories (data built anew, tokenizer trained anew, no
-    cache), batches made in the training process instead of 2 DataLoader workers: the first
-    10 steps give bit-identical losses and gradient norms on this machine.
+    cache), batches made in the training process instead of 2 DataLoader workers, and no
+    routing probe (the fixture probes every 3 steps): the first 10 steps give bit-identical
+    losses and gradient norms on this machine.
     (Across machines the numbers differ: docs/MAIN_JOB.md, "Reproducibility".)"""
     mix = build_digits_mix(str(tmp_path / "data"))
     run = str(tmp_path / "run")
     flags = ["--config", EXAMPLE, "--data-path", mix["train"], "--image-root", mix["image_root"],
              "--cache-dir", str(tmp_path / "cache"), "--save", run, "--load", run,
              "--log-file", f"{run}/log.jsonl", "--train-iters", str(STEPS), "--log-interval", "1",
-             "--exit-interval", "10", "--lr-warmup-fraction", "0", "--stgc", "--num-workers", "0"]
+             "--exit-interval", "10", "--lr-warmup-fraction", "0", "--stgc", "--num-workers", "0",
+             "--routing-probe-interval", "0"]
     run_job(torchrun("train", flags), str(tmp_path / "train.out"), timeout=600)
     fresh = [r for r in read_jsonl(f"{run}/log.jsonl") if "loss" in r]
     first = [r for r in read_jsonl(f"{trained['run']}/log.jsonl") if "loss" in r][:10]

@@ -60,6 +60,7 @@ LTDR_METRICS = {"ltdr/tail_fraction": "LTDR tail fraction of image tokens",
                 "ltdr/experts_per_vision_token": "LTDR experts per image token",
                 "ltdr/text_balance_loss": "balancing loss on text tokens"}
 LAST_STEPS = 20  # final loss / conflict fraction / expert loads: mean or sum over these
+CHURN_STEPS = 100  # routing churn rows: mean over these last steps (training/routing_stability.py)
 
 
 def torchrun(nproc: int, command: list[str], log_path: str) -> float:
@@ -105,11 +106,29 @@ def summarise(run_dir: str, results: dict, train_seconds: float) -> dict[str, ob
         row["conflict fraction"] = f"{fraction:.4f}"
     row.update(ltdr_rows(last))
     row.update(modality_shares(last))
+    row.update(churn_rows(last_steps(records, CHURN_STEPS)))
     row["train seconds (2 procs)"] = f"{train_seconds:.0f}"
     step_times = sorted(r["step_time_s"] for r in after_step(records, 5) if "step_time_s" in r)
     if step_times:  # the per-step cost of LTDR / STGC, comparable between the runs
         row["median step time s (after step 5)"] = f"{step_times[len(step_times) // 2]:.3f}"
     return row
+
+
+def churn_rows(records: list[dict]) -> dict[str, str]:
+    """Per MoE layer: step-to-step TV of image / text load shares and the probe tokens whose
+    top-k set changed per probe (every 20 steps), means over ``records`` (the last
+    CHURN_STEPS steps; MoE runs only)."""
+    rows = {}
+    layers = sorted({int(key.split("/")[1][len("layer"):]) for r in records for key in r
+                     if key.startswith("routing/layer")})
+    for layer in layers:
+        for metric, label in (("load_tv", "load-share TV step to step"),
+                              ("topk_change", "probe top-k change per 20 steps")):
+            pair = [step_mean(records, f"routing/layer{layer}/{metric}_{modality}")
+                    for modality in ("image", "text")]
+            if None not in pair:
+                rows[f"layer_{layer} {label} image / text"] = f"{pair[0]:.3f} / {pair[1]:.3f}"
+    return rows
 
 
 def ltdr_rows(records: list[dict]) -> dict[str, str]:
@@ -157,12 +176,14 @@ def run_flags_for(common: list[str], run_dir: str, extra: list[str]) -> list[str
 
 
 def prepare_stage2(output: str, config: str, nproc: int, seed: int, data_seed: int,
-                   dense_iters: int, extra: list[str], reuse_export: bool = False) -> dict:
+                   dense_iters: int, extra: list[str], reuse_export: bool = False,
+                   question_first: bool = False) -> dict:
     """Data, stage II (dense, everything trainable) and its export: what every stage III starts
     from. Returns {"data_dir", "common", "pretrained", "dense_dir", "dense_flags", "seconds"}.
-    reuse_export: an existing export is taken as it is (no torchrun at all)."""
+    reuse_export: an existing export is taken as it is (no torchrun at all).
+    question_first: the mix with the question before <image> (data/digits.py)."""
     data_dir = os.path.join(output, "data")
-    mix = build_digits_mix(data_dir, seed=data_seed)
+    mix = build_digits_mix(data_dir, seed=data_seed, question_first=question_first)
     print(f"data: {mix['counts']} ({'reused' if mix['reused'] else 'built'})", flush=True)
     common = ["--config", config, "--data-path", os.path.join(data_dir, "train.json"),
               "--image-root", data_dir, "--cache-dir", os.path.join(output, "cache"),
@@ -247,6 +268,10 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-export-run", default="stgc",
                         help="the stage III run exported with --format hf and answered with "
                              "transformers' generate (compared with eval); 'none' skips it")
+    parser.add_argument("--question-first", action="store_true",
+                        help="the digits mix with the question before <image> (image tokens "
+                             "see the question); skips the HF export check, whose prompts put "
+                             "the image first")
     parser.add_argument("--with-ltdr", action="store_true",
                         help=f"also run {LTDR_RUNS} (LTDR, STGC + LTDR; two more stage III runs)")
     args, extra = parser.parse_known_args(argv)
@@ -254,10 +279,12 @@ def main(argv=None) -> int:
         args.runs = ",".join(dict.fromkeys(args.runs.split(",") + LTDR_RUNS.split(",")))
     extra = [a for a in extra if a != "--"]
     output = os.path.abspath(args.output)
+    if args.question_first:
+        args.hf_export_run = "none"
 
     start = time.perf_counter()
     stage2 = prepare_stage2(output, args.config, args.nproc, args.seed, args.data_seed,
-                            args.dense_iters, extra)
+                            args.dense_iters, extra, question_first=args.question_first)
     data_dir = stage2["data_dir"]
     table: dict[str, dict[str, object]] = {}
     results = evaluate(args.nproc, "dense", stage2["dense_dir"], stage2["dense_flags"], data_dir)
@@ -281,7 +308,7 @@ def main(argv=None) -> int:
     text = format_table(rows, list(table))
     plots = write_plots(run_dirs, os.path.join(output, "plots"))
     text += (f"\n(stage II {args.dense_iters} steps dense; stage III {args.stage3_iters} steps from "
-             f"it, upcycled, MoE layers only; one seed ({args.seed}): the spread over seeds is in "
+             f"it, upcycled, MoE-LLaVA's trainable set; churn rows: mean over the last {CHURN_STEPS} steps; one seed ({args.seed}): the spread over seeds is in "
              f"docs/STUDY.md (tools/study.py); total wall time "
              f"{time.perf_counter() - start:.0f} s)\n")
     if plots:

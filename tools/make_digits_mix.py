@@ -49,11 +49,14 @@ def main(argv=None) -> int:
                         help="share of text-only records in train (and val questions)")
     parser.add_argument("--questions-per-image", type=int, default=4,
                         help="question types per training image (4 = all)")
+    parser.add_argument("--question-first", action="store_true",
+                        help="put the question before <image> (image tokens see the question)")
     args = parser.parse_args(argv)
     try:
         mix = build_digits_mix(args.output, seed=args.seed, val_fraction=args.val_fraction,
                                text_only_fraction=args.text_only_fraction,
-                               questions_per_image=args.questions_per_image)
+                               questions_per_image=args.questions_per_image,
+                               question_first=args.question_first)
     except ValueError as error:
         parser.error(str(error))
     print(describe(mix))

@@ -11,6 +11,8 @@ Reads each run's JSONL log (``RUN_DIR/train_log.jsonl``, or the file itself) and
   expert_load_final.png       tokens per expert per modality per MoE layer over the last
                               steps, in % (Fig. 4)
   expert_load_over_time.png   each expert's share of image tokens per MoE layer over steps
+  routing_stability.png       load-share churn, probe top-k changes and routing entropy per
+                              MoE layer over steps (analysis/routing_figure.py)
 
 Runs are labelled by their path relative to the runs' common parent (``beta1/seed1`` and
 ``baseline/seed1``, not ``seed1`` twice); one run by its directory's name.
@@ -26,6 +28,7 @@ import os
 from typing import Callable, Optional
 
 from megatron_stgc.analysis.logs import last_steps
+from megatron_stgc.analysis.routing_figure import routing_figure
 
 LAST_STEPS = 20
 
@@ -246,6 +249,7 @@ FIGURES: dict[str, tuple[bool, Callable]] = {
     "gradient_consistency.png": (True, _consistency_figure),
     "expert_load_final.png": (False, _load_final_figure),
     "expert_load_over_time.png": (False, _load_over_time_figure),
+    "routing_stability.png": (False, lambda runs, p: routing_figure(runs, p, _pyplot)),
 }
 
 

@@ -30,6 +30,12 @@ has NO ``<image>`` tag, as in LLaVA's ``model_vqa`` question files: the
 evaluator adds the tag when the line has an "image" (our
 ``megatron_stgc.data.conversation.prompt_tokens`` does so).
 
+``question_first=True`` (beyond MoE-LLaVA's layout; issue 22) puts the question before
+the image: the human turn is ``"<question>\\n<image>"`` in train.json / val.json, and the
+"text" of val_questions.jsonl carries the same tag at its end (the evaluator keeps a tag
+where it is). Under causal attention the image tokens then see the question, so an image
+token's route can depend on what is asked.
+
 Text-only samples (no "image" key, category "text") come from
 ``instruct_text.generate_conversations``: ``text_only_fraction`` of the
 records of train.json, and the same fraction of the validation questions
@@ -144,23 +150,29 @@ def _image_questions(indices: np.ndarray, labels: np.ndarray, types_per_image: l
     return items
 
 
-def _conversation_record(item: dict) -> dict:
-    """LLaVA conversation record; image questions get the "<image>\\n" prefix."""
+def _tagged(question: str, question_first: bool) -> str:
+    """The human turn of an image question: the <image> tag before or after the question."""
+    return f"{question}\n{IMAGE_TAG}" if question_first else f"{IMAGE_TAG}\n{question}"
+
+
+def _conversation_record(item: dict, question_first: bool) -> dict:
+    """LLaVA conversation record; image questions get the <image> tag (_tagged)."""
     record: dict = {"id": item["id"]}
     question = item["question"]
     if "image" in item:
         record["image"] = item["image"]
-        question = f"{IMAGE_TAG}\n{question}"
+        question = _tagged(question, question_first)
     record["conversations"] = [{"from": "human", "value": question},
                                {"from": "gpt", "value": item["answer"]}]
     return record
 
 
 def _parameters(seed: int, val_fraction: float, text_only_fraction: float,
-                questions_per_image: int) -> dict:
+                questions_per_image: int, question_first: bool) -> dict:
     return {"seed": int(seed), "val_fraction": float(val_fraction),
             "text_only_fraction": float(text_only_fraction),
             "questions_per_image": int(questions_per_image),
+            "question_first": bool(question_first),
             "question_types": list(QUESTION_TYPES),
             "format_version": MIX_FORMAT_VERSION,
             "text_generator_version": instruct_text.GENERATOR_VERSION}
@@ -212,6 +224,7 @@ def _write_mix(directory: str, parameters: dict) -> dict:
     val_fraction = parameters["val_fraction"]
     text_only_fraction = parameters["text_only_fraction"]
     questions_per_image = parameters["questions_per_image"]
+    question_first = parameters["question_first"]
 
     from PIL import Image
 
@@ -243,16 +256,20 @@ def _write_mix(directory: str, parameters: dict) -> dict:
     train_questions = {c.question for c in texts[:train_text]}
 
     order = np.random.default_rng([seed, 4]).permutation(len(train_items))
-    train_records = [_conversation_record(train_items[i]) for i in order.tolist()]
+    train_records = [_conversation_record(train_items[i], question_first)
+                     for i in order.tolist()]
     _write_json_list(os.path.join(directory, "train.json"), train_records)
     _write_json_list(os.path.join(directory, "val.json"),
-                     [_conversation_record(item) for item in val_items])
+                     [_conversation_record(item, question_first) for item in val_items])
     with open(os.path.join(directory, "val_questions.jsonl"), "w") as f:
         for item in val_items:
             line = {"question_id": item["id"]}
+            text = item["question"]
             if "image" in item:
                 line["image"] = item["image"]
-            line.update({"text": item["question"], "category": item["category"]})
+                if question_first:  # LLaVA's evaluators add the tag in front unless present
+                    text = _tagged(text, question_first)
+            line.update({"text": text, "category": item["category"]})
             f.write(json.dumps(line) + "\n")
     with open(os.path.join(directory, "val_answers.jsonl"), "w") as f:
         for item in val_items:
@@ -282,7 +299,8 @@ def _write_mix(directory: str, parameters: dict) -> dict:
 
 
 def build_digits_mix(output_dir: str, seed: int = 0, val_fraction: float = 0.2,
-                     text_only_fraction: float = 0.2, questions_per_image: int = 4) -> dict:
+                     text_only_fraction: float = 0.2, questions_per_image: int = 4,
+                     question_first: bool = False) -> dict:
     """Build (or reuse) the digits instruction mix in ``output_dir``.
 
     val_fraction: share of the images (per digit class) held out for validation.
@@ -290,6 +308,7 @@ def build_digits_mix(output_dir: str, seed: int = 0, val_fraction: float = 0.2,
       validation questions), in [0, 1).
     questions_per_image: question types per TRAINING image (1..4; 4 = every type;
       fewer = a seeded subset per image). Validation images always get every type.
+    question_first: the question before the <image> tag (module docstring).
 
     Returns {"output_dir", "image_root", "images_dir", "train", "val",
     "val_questions", "val_answers", "manifest" (paths), "counts", "parameters",
@@ -306,7 +325,8 @@ def build_digits_mix(output_dir: str, seed: int = 0, val_fraction: float = 0.2,
                          f"got {questions_per_image}")
     start = time.perf_counter()
     output_dir = os.path.abspath(output_dir)
-    parameters = _parameters(seed, val_fraction, text_only_fraction, questions_per_image)
+    parameters = _parameters(seed, val_fraction, text_only_fraction, questions_per_image,
+                             question_first)
     existing = read_manifest(output_dir)
     if existing is not None and existing.get("parameters") == parameters:
         return _result(output_dir, existing, True, time.perf_counter() - start)

@@ -43,6 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_stgc.config import RunConfig
 from megatron_stgc.ltdr.attached import attach_modality
+from megatron_stgc.stgc.modality_filter import attach_modality as attach_stgc_modality
 from megatron_stgc.model.modality import ModalityContext, modality_of
 from megatron_stgc.model import packing
 
@@ -82,6 +83,7 @@ class MoELLaVAModel(MegatronModule):
         self.class_token_len = class_token_len
         self.modality = ModalityContext()
         self.ltdr_routers = attach_modality(language_model, self.modality)
+        attach_stgc_modality(language_model, self.modality)  # --stgc-modalities
         self.model_type = ModelType.encoder_or_decoder  # what megatron-core's schedules look up
 
     def set_input_tensor(self, input_tensor) -> None:

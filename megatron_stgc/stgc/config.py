@@ -9,6 +9,8 @@ ESTIMATORS = ("exact", "lowrank", "fc2")
 NORMALIZATIONS = ("pairs", "tokens")
 # Where each expert's mean gradient g_mean comes from (mean_source.py).
 MEAN_SOURCES = ("micro-batch", "micro-batch-bf16", "previous-step", "local")
+# Which tokens STGC judges (modality_filter.py; beyond the paper): padding never.
+MODALITIES = ("all", "text", "image")
 
 
 def parse_layer_ranges(text: str | None, num_layers: int) -> frozenset[int]:
@@ -76,6 +78,9 @@ class STGCConfig:
                     and of the fc2 estimator against the step's mean gradient (all
                     micro-batches, all replicas) and log their agreement (mean_audit.py;
                     keeps every micro-batch's expert captures until the step ends).
+    modalities:     beyond the paper: "all" (the paper: every real token), "text" or "image":
+                    only tokens of that modality are judged, flagged and pushed by L_token
+                    (N counts only them); needs a vision-language model (modality_filter.py).
     """
 
     enabled: bool = False
@@ -90,6 +95,7 @@ class STGCConfig:
     mean_source: str = "micro-batch"
     overlap_mean_reduce: bool = True
     mean_audit: bool = False
+    modalities: str = "all"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -103,6 +109,10 @@ class STGCConfig:
         if self.mean_source not in MEAN_SOURCES:
             raise ValueError(
                 f"--stgc-mean-source must be one of {MEAN_SOURCES}, got {self.mean_source!r}"
+            )
+        if self.modalities not in MODALITIES:
+            raise ValueError(
+                f"--stgc-modalities must be one of {MODALITIES}, got {self.modalities!r}"
             )
         if self.beta < 0:
             raise ValueError(f"--stgc-beta must be >= 0, got {self.beta}")

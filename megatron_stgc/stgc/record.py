@@ -53,7 +53,8 @@ class ConflictRecord:
     routing_map: torch.Tensor | None = None  # [T, E] router side
     cos_map: torch.Tensor | None = None  # [T, E] router side, set by the experts' backward
     preset_conflicts: torch.Tensor | None = None  # two-pass: pass 1's conflicts
-    real_rows: torch.Tensor | None = None  # [T, 1] bool, False on padding (None: no mask)
+    # [T, 1] bool, False on padding and on tokens --stgc-modalities leaves out (None: all)
+    real_rows: torch.Tensor | None = None
 
     def judged_map(self) -> torch.Tensor:
         """[T, E] the pairs STGC may judge: routed, not dropped, not padding. Padding has no

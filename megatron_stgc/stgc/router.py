@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_stgc.mcore_compat import record_moe_metric
-from megatron_stgc.stgc import conflict_math
+from megatron_stgc.stgc import conflict_math, modality_filter
 from megatron_stgc.stgc.mean_source import group_size
 from megatron_stgc.stgc.loss_scale import local_grad_scale
 from megatron_stgc.stgc.record import APPLY, IDENTIFY, ConflictRecord, LayerSTGCState, STGCReport
@@ -28,6 +28,7 @@ class STGCRouter(TopKRouter):
     """TopKRouter whose logit gradient also carries beta * dL_token/dz."""
 
     stgc: LayerSTGCState | None = None  # set by STGCMoELayer after it builds the router
+    modality = None  # the model's ModalityContext (modality_filter.attach_modality)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         record = None if self.stgc is None else self.stgc.begin_forward(self.training)
@@ -36,8 +37,11 @@ class STGCRouter(TopKRouter):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if record is not None:
             record.routing_map = routing_map.detach()
+            real = None
             if padding_mask is not None:  # megatron's sense: True = padding
-                record.real_rows = ~padding_mask.reshape(-1, 1).bool()
+                real = ~padding_mask.reshape(-1, 1).bool()
+            chosen = modality_filter.chosen_rows(self.stgc.config.modalities, self.modality)
+            record.real_rows = modality_filter.judged_rows(real, chosen)
         return probs, routing_map
 
     # -- backward-time work, called by _AddConflictLossGrad -------------------------

@@ -64,6 +64,7 @@ class ExpertLoadCounter:
         self.counts: dict[int, torch.Tensor] = {}
         self.modality_counts: dict[int, torch.Tensor] = {}  # [modalities, experts]
         self.modality_context = getattr(model, "modality", None)
+        self.paused = False  # True: forwards are not counted (training/routing_probe.py)
         self.handles = []
         for module in model.modules():
             if isinstance(module, TopKRouter):
@@ -73,7 +74,7 @@ class ExpertLoadCounter:
 
     def _hook(self, layer: int):
         def count(module, args, kwargs, output):
-            if _inside_backward():
+            if _inside_backward() or self.paused:
                 return
             routing_map = _without_padding(output[1], router_padding_mask(args, kwargs))
             per_expert = routing_map.reshape(-1, routing_map.shape[-1]).sum(dim=0).detach()
@@ -100,6 +101,24 @@ class ExpertLoadCounter:
                               dim=1).to(torch.float64)  # [tokens, modalities]
         rows = (one_hot.t() @ routed).round().to(torch.long)  # [modalities, experts]
         _accumulate(self.modality_counts, layer, rows)
+
+    def groups(self) -> int:
+        """Rows of ``running_rows``: all tokens, then one per modality (with a modality mask)."""
+        return 1 + (len(MODALITY_CODES) if self.by_modality else 0)
+
+    def running_rows(self) -> dict[int, torch.Tensor]:
+        """{layer: [groups, experts] long} counted since the last collect, on the routers'
+        device (no host sync): row 0 all tokens, then MODALITY_CODES' rows. The stored sums
+        are never changed in place, so a caller may keep what it gets as a snapshot."""
+        rows = {}
+        for layer, total in self.counts.items():
+            parts = [total.reshape(1, -1)]
+            if self.by_modality:
+                parts.append(self.modality_counts.get(
+                    layer, torch.zeros(len(MODALITY_CODES), total.numel(), dtype=total.dtype,
+                                       device=total.device)))
+            rows[layer] = torch.cat(parts)
+        return rows
 
     def collect(self) -> dict[str, list[int]]:
         """{"layer_<n>": [tokens per expert]} summed over ranks since the last collect."""

@@ -33,6 +33,8 @@ from megatron_stgc.training.expert_load import ExpertLoadCounter
 from megatron_stgc.training.guards import install_nonfinite_guard
 from megatron_stgc.training.interval_metrics import IntervalMetrics, is_log_step
 from megatron_stgc.training.logging import StepLogger, open_wandb
+from megatron_stgc.training.routing_stability import (start_routing_stability,
+                                                      stop_routing_stability)
 from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimizer
 from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
                                                unregister_stgc_metrics)
@@ -246,6 +248,7 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
     guard = install_nonfinite_guard(objects.model, objects.optimizer, t.nan_policy)
     interval = IntervalMetrics(config, expert_load, n_micro)
     stream = batch_stream(config, dataset, progress)
+    stability = start_routing_stability(config, objects, expert_load, dataset)
     records = []
     last_saved = progress.iteration if config.checkpoint.load else None
     started_at = progress.iteration
@@ -258,6 +261,8 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
             progress.iteration += 1
             progress.consumed_samples += t.global_batch_size
             interval.add_step(result)
+            if stability is not None:
+                stability.end_step()
             saving = bool(ckpt.save and ckpt.save_interval
                           and progress.iteration % ckpt.save_interval == 0)
             exiting = bool(t.exit_interval and progress.iteration - started_at >= t.exit_interval)
@@ -275,6 +280,7 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
                 break
     finally:
         stream.close()
+        stop_routing_stability()
     if ckpt.save and last_saved != progress.iteration:
         save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
                         keep_last=ckpt.keep_last, data_state=data_state_of(dataset))
