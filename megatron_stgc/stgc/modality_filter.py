@@ -42,9 +42,10 @@ def judged_rows(real_rows: Optional[torch.Tensor],
 
 def attach_modality(model, modality_context) -> int:
     """Give every STGC router of ``model`` the ModalityContext it reads; returns how many."""
+    from megatron_stgc.plugin import modules_of_type
     from megatron_stgc.stgc.router import STGCRouter
 
-    routers = [m for m in model.modules() if isinstance(m, STGCRouter)]
+    routers = list(modules_of_type(model, STGCRouter))
     for router in routers:
         router.modality = modality_context
     return len(routers)
