@@ -121,7 +121,8 @@ class RoutingStability:
 
 
 def probe_batches(dataset, config) -> list[dict]:
-    """This rank's micro-batches of the run's first step (made once; not counted as use)."""
+    """This rank's micro-batches of the run's first step (made once; not counted as use;
+    the bad records found while making them are counted)."""
     from megatron.core import parallel_state
 
     from megatron_stgc.data.loader import MicroBatchPositions
@@ -130,8 +131,20 @@ def probe_batches(dataset, config) -> list[dict]:
     positions = MicroBatchPositions(t.global_batch_size, t.micro_batch_size,
                                     parallel_state.get_data_parallel_rank(),
                                     parallel_state.get_data_parallel_world_size())
-    make = (lambda p: dataset.produce(p)[0]) if hasattr(dataset, "produce") else dataset.batch
-    return [make(positions(k)) for k in range(positions.per_step)]
+    return [_probe_batch(dataset, positions(k)) for k in range(positions.per_step)]
+
+
+def _probe_batch(dataset, positions: list[int]) -> dict:
+    """One probe micro-batch. Bad records it finds are counted now (once per process, as in
+    training): the dataset skips a record it knows to be bad without reporting it again, so
+    findings dropped here would never be counted. Truncations count per use: not here."""
+    if not hasattr(dataset, "produce"):
+        return dataset.batch(positions)
+    from dataclasses import replace
+
+    tensors, events = dataset.produce(positions)
+    dataset.absorb(replace(events, truncated=0))
+    return tensors
 
 
 def start_routing_stability(config, objects, expert_load: ExpertLoadCounter,
