@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable, Optional
@@ -36,18 +35,13 @@ cpu_bridge.install()
 from megatron.core import parallel_state  # noqa: E402
 
 from megatron_stgc.config import RunConfig, config_from_flat, fill_defaults  # noqa: E402
+from megatron_stgc.parallel import free_port  # noqa: E402,F401  (re-exported)
 
 TINY_VOCAB = 128
 
 
 class RankFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, result_dir: str, fn: Callable,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Optional
+
+from megatron_stgc.parallel import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "tiny_moe_cpu.yaml")
@@ -26,12 +27,6 @@ TINY_FLAGS = ["--config", EXAMPLE, "--num-layers", "2", "--hidden-size", "32",
               "--micro-batch-size", "2", "--global-batch-size", "8", "--num-samples", "400",
               "--vocab-size", "128", "--lr-warmup-fraction", "0", "--log-interval", "1"]
 GLOBAL_BATCH = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(train_flags: list[str], nnodes: int = 1, nproc_per_node: int = 2,

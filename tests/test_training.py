@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from launch_utils import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "tiny_moe_cpu.yaml")
@@ -24,7 +25,7 @@ STEPS = 20
 
 def _torchrun(*flags: str, cache_dir: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()), "-m", "megatron_stgc", "train",
+               "--master-port", str(free_port()), "-m", "megatron_stgc", "train",
                "--config", EXAMPLE, "--train-iters", str(STEPS), "--cache-dir", cache_dir,
                *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -34,12 +35,6 @@ def _torchrun(*flags: str, cache_dir: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(path: str) -> list[dict]:

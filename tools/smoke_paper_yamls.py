@@ -154,9 +154,11 @@ def run_family(family: str, root: str, tokenizer: str, vocab: int, mix: str,
     except ConversionError as error:
         return {"family": family, "status": "skipped: no converter in this tree",
                 "detail": str(error)}
+    from megatron_stgc.parallel import free_port
+
     flags = train_flags(family, root, pretrained, tokenizer, mix, seq_length)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()), "-m", "megatron_stgc", "train", *flags]
+               "--master-port", str(free_port()), "-m", "megatron_stgc", "train", *flags]
     log_path = os.path.join(root, f"train_{family}.out")
     peak_path = os.path.join(root, f"peak_{family}.txt")
     start = time.perf_counter()
@@ -188,12 +190,6 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(peak_path: str, command: list[str]) -> int:
