@@ -164,3 +164,19 @@ def test_set_base_changes_the_commands_and_the_checks(tmp_path):
         _plan(tmp_path, os.path.join(EXAMPLES, "digits.yaml"), "--set",
               f"base={os.path.join(REPO, 'examples', 'tiny_llava_digits.yaml')}",
               extra=["--no-such-flag"])
+
+
+def test_named_points_bring_their_own_baselines(tmp_path):
+    study, _ = _plan(tmp_path, os.path.join(EXAMPLES, "screens.yaml"))
+    assert study.baseline_of["beta1_text"] == "baseline"
+    assert study.baseline_of["lowlr_beta1"] == "lowlr_baseline"
+    assert study.baseline_of["lowlr_baseline"] is None  # "none" overrides the file's baseline
+    assert study.baseline_of["mb16_beta1"] == "mb16_baseline"
+    assert study.baseline_of["baseline"] is None
+    study, _ = _plan(tmp_path, os.path.join(EXAMPLES, "screens.yaml"), "--points", "mb16_beta1")
+    assert list(study.points) == ["mb16_baseline", "mb16_beta1"]
+    grid = tmp_path / "bad.yaml"
+    grid.write_text(f"extends: {os.path.join(EXAMPLES, 'digits.yaml')}\ngrid: null\n"
+                    "points:\n  a: [--stgc]\n  b: {flags: [--stgc], baseline: c}\n")
+    with pytest.raises(StudyError, match="points.b.baseline: no other point named 'c'"):
+        _plan(tmp_path, str(grid))

@@ -13,7 +13,8 @@ Grid file::
         estimator: {flag: --stgc-estimator, values: [exact], prefix: "", name_omits: exact}
       variations: [{beta: 1.0, tau: -0.1}]   # axes not named: their first value
       skip_invalid: false             # true: points megatron-stgc refuses are left out
-    points: {baseline: [--stgc, --stgc-beta, 0]}   # or {flags: [...], nproc_per_node: 1}
+    points: {baseline: [--stgc, --stgc-beta, 0]}   # or {flags: [...], nproc_per_node: 1,
+                                      #     baseline: other_point}  (its own comparison)
     baseline: baseline                # a point's name, or {stgc: "off"}: per point, the
                                       # point that differs only in these axis values
 """
@@ -64,6 +65,7 @@ class Point:
     flags: list[str]
     axes: dict[str, str] = field(default_factory=dict)  # {} for named points
     settings: dict[str, int] = field(default_factory=dict)  # nproc_per_node / nnodes
+    baseline: Optional[str] = None  # a named point's own baseline ("none": compared with none)
 
 
 def text(value: Any) -> str:
@@ -184,12 +186,14 @@ def named_points(spec: Any) -> list[Point]:
             raise StudyError(f"points.{name}: a point name may hold letters, digits, . _ + - "
                              "(it names a directory)")
         if isinstance(value, dict):
-            unknown = set(value) - {"flags", *SETTINGS}
+            unknown = set(value) - {"flags", "baseline", *SETTINGS}
             if unknown:
-                raise StudyError(f"points.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+                raise StudyError(f"points.{name}: unknown key(s) {', '.join(sorted(unknown))}; "
+                                 f"known: flags, baseline, {', '.join(SETTINGS)}")
             settings = {key: int(value[key]) for key in SETTINGS if key in value}
+            baseline = None if value.get("baseline") is None else text(value["baseline"])
             points.append(Point(name, _str_list(value.get("flags") or [], f"points.{name}"),
-                                settings=settings))
+                                settings=settings, baseline=baseline))
         else:
             points.append(Point(name, _str_list(value or [], f"points.{name}")))
     return points
@@ -213,7 +217,23 @@ def all_points(spec: dict, axis_values: dict[str, list[str]],
 
 
 def baselines(points: dict[str, Point], spec: Any) -> dict[str, Optional[str]]:
-    """{point: the point it is compared with, or None (it is a baseline / has none)}."""
+    """{point: the point it is compared with, or None (it is a baseline / has none)}. A named
+    point's own ``baseline:`` wins over the file's (``none``: it is compared with none)."""
+    result = _file_baselines(points, spec)
+    for name, point in points.items():
+        if point.baseline is None:
+            continue
+        if point.baseline == "none":
+            result[name] = None
+        elif point.baseline not in points or point.baseline == name:
+            raise StudyError(f"points.{name}.baseline: no other point named {point.baseline!r} "
+                             f"(points: {', '.join(points)})")
+        else:
+            result[name] = point.baseline
+    return result
+
+
+def _file_baselines(points: dict[str, Point], spec: Any) -> dict[str, Optional[str]]:
     if spec is None:
         return {name: None for name in points}
     if isinstance(spec, str):
