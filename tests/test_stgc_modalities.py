@@ -26,7 +26,7 @@ STGC_LAYER = 0  # 0-based: the first MoE layer (the top one sees only answer pos
 SETTINGS = [("all", 1.0), ("text", 1.0), ("image", 1.0), ("all", 0.0)]
 
 
-def _one_setting(modalities: str, beta: float, batch: dict) -> dict:
+def _one_setting(modalities: str, beta: float, batch: dict, **flags) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_stgc.stgc.attached import stgc_layers
@@ -35,7 +35,7 @@ def _one_setting(modalities: str, beta: float, batch: dict) -> dict:
     from megatron_stgc.training.train import seed_everything
 
     config = llava_config(stgc=True, stgc_tau=0.1, stgc_beta=beta, stgc_layers=str(STGC_LAYER),
-                          stgc_modalities=modalities)
+                          stgc_modalities=modalities, **flags)
     seed_everything(config.training.seed)
     objects = build_model_and_optimizer(config, VOCAB, IMAGE_ID)
     (layer,) = stgc_layers(objects.model)

@@ -11,6 +11,8 @@ NORMALIZATIONS = ("pairs", "tokens")
 MEAN_SOURCES = ("micro-batch", "micro-batch-bf16", "previous-step", "local")
 # Which tokens STGC judges (modality_filter.py; beyond the paper): padding never.
 MODALITIES = ("all", "text", "image")
+# How L_token weighs the judged pairs (beyond the paper: "centered").
+PUSHES = ("paper", "centered")
 
 
 def parse_layer_ranges(text: str | None, num_layers: int) -> frozenset[int]:
@@ -81,6 +83,12 @@ class STGCConfig:
     modalities:     beyond the paper: "all" (the paper: every real token), "text" or "image":
                     only tokens of that modality are judged, flagged and pushed by L_token
                     (N counts only them); needs a vision-language model (modality_filter.py).
+    push:           beyond the paper: "paper" (L_token pushes each flagged pair off its expert)
+                    or "centered": every judged pair of expert e weighs [flagged] - f_e, f_e
+                    = the expert's fraction of flagged pairs over all tokens, so flags that do
+                    not depend on the token push nothing on average; tokens flagged more often
+                    than the expert's others are pushed off, the rest pulled in
+                    (conflict_math.centered_push_weights; N stays the flagged count).
     """
 
     enabled: bool = False
@@ -96,6 +104,7 @@ class STGCConfig:
     overlap_mean_reduce: bool = True
     mean_audit: bool = False
     modalities: str = "all"
+    push: str = "paper"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -114,6 +123,8 @@ class STGCConfig:
             raise ValueError(
                 f"--stgc-modalities must be one of {MODALITIES}, got {self.modalities!r}"
             )
+        if self.push not in PUSHES:
+            raise ValueError(f"--stgc-push must be one of {PUSHES}, got {self.push!r}")
         if self.beta < 0:
             raise ValueError(f"--stgc-beta must be >= 0, got {self.beta}")
         if not -1.0 <= self.tau <= 1.0:

@@ -184,8 +184,39 @@ def inverted_nll_sum(logits: torch.Tensor, conflicts: torch.Tensor) -> torch.Ten
 
     logits: [T, E] router logits z; conflicts: [T, E] bool.
     """
+    return weighted_inverted_nll_sum(logits, conflicts.float())
+
+
+def weighted_inverted_nll_sum(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-sum_{n,e} w_ne log softmax(-z_n)[e] (fp32). w > 0 pushes token n off expert e,
+    w < 0 pulls it towards e, w = 0 leaves the pair alone.
+
+    logits: [T, E] router logits z; weights: [T, E].
+    """
     inverted_log_probs = torch.log_softmax(-logits.float(), dim=-1)
-    return -inverted_log_probs.masked_fill(~conflicts, 0.0).sum()
+    return -(inverted_log_probs * weights.float()).sum()
+
+
+def expert_flag_rates(flagged_per_expert: torch.Tensor,
+                      judged_per_expert: torch.Tensor) -> torch.Tensor:
+    """f_e = flagged pairs / judged pairs of expert e (0 where none was judged) -> [E]."""
+    return flagged_per_expert.float() / judged_per_expert.float().clamp(min=1.0)
+
+
+def centered_push_weights(conflicts: torch.Tensor, judged: torch.Tensor,
+                          flag_rates: torch.Tensor) -> torch.Tensor:
+    """w_ne = [flagged] - f_e on every judged pair, 0 elsewhere -> [T, E] (beyond the paper).
+
+    conflicts, judged: [T, E] bool; flag_rates: [E] (expert_flag_rates over all tokens).
+    The paper's push is w = [flagged]. When the flags do not depend on the token (noise),
+    every routed pair is flagged with probability f_e and that push has expectation f_e > 0
+    on every pair: it lowers the logits of whichever experts a token is routed to, which
+    flattens the router. Subtracting f_e makes the expected push zero in that case, and
+    leaves a net push off the expert only for tokens flagged more often than its others;
+    the unflagged pairs are pulled towards their expert by f_e. Each expert's weights sum
+    to zero over its judged pairs.
+    """
+    return torch.where(judged, conflicts.float() - flag_rates.float()[None, :], 0.0)
 
 
 def conflict_elimination_loss(

@@ -63,9 +63,10 @@ class STGCRouter(TopKRouter):
         if record.mode == IDENTIFY:
             self.stgc.identified.append(conflicts)
             return torch.zeros_like(logits)
+        weights = self._push_weights(conflicts, record)
         with torch.enable_grad():
             z = logits.detach().float().requires_grad_(True)
-            nll_sum = conflict_math.inverted_nll_sum(z, conflicts)
+            nll_sum = conflict_math.weighted_inverted_nll_sum(z, weights)
             (nll_grad,) = torch.autograd.grad(nll_sum, z)
         totals = self._global_totals(logits, conflicts, record, nll_sum.detach())
         normalizer = totals[0].clamp(min=1.0) * logits.shape[-1]
@@ -74,15 +75,33 @@ class STGCRouter(TopKRouter):
         self._log(totals, normalizer)
         return (nll_grad * scale).to(logits.dtype)
 
+    @staticmethod
+    def _judged_pairs(record: ConflictRecord) -> torch.Tensor:
+        """[T, E] bool: routed real pairs with a defined cosine."""
+        judged = record.judged_map()
+        if record.cos_map is not None:
+            judged = judged & ~torch.isnan(record.cos_map)
+        return judged
+
+    def _push_weights(self, conflicts: torch.Tensor, record: ConflictRecord) -> torch.Tensor:
+        """[T, E] L_token's weight per pair: the paper's [flagged], or centered on each
+        expert's flag rate over every rank's tokens (--stgc-push centered)."""
+        if self.stgc.config.push == "paper":
+            return conflicts.float()
+        judged = self._judged_pairs(record)
+        per_expert = torch.stack([conflicts.sum(dim=0), judged.sum(dim=0)]).float()  # [2, E]
+        if group_size(self.tp_dp_cp_group) > 1:
+            dist.all_reduce(per_expert, group=self.tp_dp_cp_group)
+        rates = conflict_math.expert_flag_rates(per_expert[0], per_expert[1])
+        return conflict_math.centered_push_weights(conflicts, judged, rates)
+
     def _global_totals(self, logits, conflicts, record, nll_sum) -> torch.Tensor:
         """[N, judged pairs, conflicting pairs, score sum of conflicting pairs, nll sum]."""
         if self.stgc.config.normalization == "tokens":
             count = conflicts.any(dim=1).sum()
         else:
             count = conflicts.sum()
-        judged = record.judged_map()
-        if record.cos_map is not None:
-            judged = judged & ~torch.isnan(record.cos_map)
+        judged = self._judged_pairs(record)
         probs = torch.softmax(logits.detach().float(), dim=-1)
         scores = torch.where(conflicts, probs, 0.0).sum()
         totals = torch.stack(
