@@ -106,7 +106,7 @@ def _report_problems(problems: list[str], world_size: int) -> int:
 
 
 def _validate(argv: list[str]) -> int:
-    from megatron_stgc.config import config_problems
+    from megatron_stgc.validation import config_problems
 
     world_size, config = _world_size_and_config("megatron-stgc validate", argv)
     problems = config_problems(config, world_size)
@@ -121,7 +121,8 @@ def _validate(argv: list[str]) -> int:
 def _print_config(argv: list[str]) -> int:
     import yaml
 
-    from megatron_stgc.config import config_problems, fill_defaults
+    from megatron_stgc.config import fill_defaults
+    from megatron_stgc.validation import config_problems
 
     world_size, config = _world_size_and_config("megatron-stgc print-config", argv)
     print(yaml.safe_dump(fill_defaults(config).to_dict(), sort_keys=False), end="")

@@ -4,8 +4,9 @@ One run is described by ``RunConfig``; each section is a dataclass whose field
 names are the Megatron-style flag names with underscores (``num_layers`` is
 ``--num-layers``). A YAML file (``--config``) sets defaults with the same keys
 (dashes or underscores, flat or grouped by section); flags on the command line
-override it. ``validate_run_config`` checks everything that can be checked
-before a process group exists and raises ``ConfigError`` naming the flag.
+override it. ``check_flags`` holds the checks that need only the flags;
+``megatron_stgc.validation.validate_run_config`` runs them with the recipe's and the
+model's (megatron-core's) checks and raises one ``ConfigError`` naming every flag.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import yaml
 from megatron_stgc.config_help import did_you_mean, field_help
 from megatron_stgc.ltdr.config import LTDRConfig
 from megatron_stgc.stgc.config import STGCConfig
-from megatron_stgc.problems import (ConfigError, check, collect_problems, raise_problems,
+from megatron_stgc.problems import (ConfigError, check, raise_problems,
                                     require)
 
 
@@ -497,7 +498,7 @@ def config_from_flat(values: dict[str, Any]) -> RunConfig:
 def parse_run_config(argv: list[str]) -> RunConfig:
     """Command-line flags (and the optional --config YAML) -> validated-shape RunConfig.
 
-    Precedence: flags > YAML > dataclass defaults. Does not call validate_run_config.
+    Precedence: flags > YAML > dataclass defaults. Does not validate (megatron_stgc.validation does).
     """
     args = build_arg_parser().parse_args(argv)
     config_path = getattr(args, "config", None)
@@ -552,29 +553,9 @@ def fill_defaults(config: RunConfig) -> RunConfig:
     return config
 
 
-def validate_run_config(config: RunConfig, world_size: int, training: bool = True) -> None:
-    """Check a RunConfig for a run on ``world_size`` processes; raise one ConfigError that
-    lists every problem found (``.problems``), each naming its flag.
-
-    Needs no process group: call before torch.distributed is initialised (``megatron-stgc
-    validate --world-size N`` checks a many-rank config in one process). ``training=False``
-    (eval): the batch-size flags need not fit this world size, and a vision-language model
-    needs no --data-path. megatron-core's own TransformerConfig checks run last, and only
-    when nothing else was found (their errors would repeat ours).
-    """
-    raise_problems(config_problems(config, world_size, training))
-
-
-def config_problems(config: RunConfig, world_size: int, training: bool = True) -> list[str]:
-    """Every problem of ``config`` for ``world_size`` processes (empty: valid)."""
-    problems = collect_problems([lambda: _validate_flags(config, world_size, training)])
-    if not problems:
-        problems = collect_problems([lambda: _validate_with_megatron_core(config)])
-    return problems
-
-
-def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
-    """The checks of validate_run_config but megatron-core's."""
+def check_flags(config: RunConfig, world_size: int, training: bool = True) -> None:
+    """The flag checks that need neither the model code nor megatron-core (the rest:
+    megatron_stgc/validation.py, which runs these first)."""
     fill_defaults(config)
     m, p, t, pr = config.model, config.parallel, config.training, config.precision
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -618,13 +599,6 @@ def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
                  f"--stgc supports --expert-tensor-parallel-size 1 only; it is {expert_tp}"
                  + (f" (by default the --tensor-model-parallel-size, {tp}): set "
                     "--expert-tensor-parallel-size 1" if etp is None else ""))
-    if tp > 1 and m.num_experts is not None:
-        from megatron_stgc.model.gpt import use_transformer_engine
-
-        _require(use_transformer_engine(config),
-                 f"--tensor-model-parallel-size ({tp}) > 1 with MoE needs sequence parallelism, "
-                 "which needs Transformer Engine norms (GPU); use --tensor-model-parallel-size 1 "
-                 "on CPU")
     if tp > 1:
         _require(m.seq_length % tp == 0,
                  f"--seq-length ({m.seq_length}) must be divisible by "
@@ -730,9 +704,6 @@ def _validate_flags(config: RunConfig, world_size: int, training: bool) -> None:
     _require(m.norm_epsilon > 0, f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
     check(_validate_vision, config, training)
     check(_validate_ltdr, config)
-    from megatron_stgc.recipe_checks import validate_recipe
-
-    check(validate_recipe, config)
 
     if pr.fp8_format is not None or m.use_te:
         _require(_cuda_available(),
@@ -784,8 +755,9 @@ def _validate_load_options(ckpt: CheckpointConfig) -> None:
 
 def _validate_megatron_lm_flags(config: RunConfig) -> None:
     """--lr-warmup-iters, --lr-decay-iters, --train-samples, --moe-z-loss-coeff,
-    --moe-router-load-balancing-type, --moe-grouped-gemm, --sequence-parallel."""
-    m, t, p = config.model, config.training, config.parallel
+    --moe-router-load-balancing-type (--moe-grouped-gemm and --sequence-parallel:
+    model/config_checks.py)."""
+    m, t = config.model, config.training
     decay = t.train_iters if t.lr_decay_iters is None else t.lr_decay_iters
     _require(t.lr_decay_iters is None or t.lr_decay_iters >= 1,
              f"--lr-decay-iters must be >= 1, got {t.lr_decay_iters}")
@@ -802,16 +774,6 @@ def _validate_megatron_lm_flags(config: RunConfig) -> None:
     _require(m.moe_router_load_balancing_type == "aux_loss",
              f"--moe-router-load-balancing-type {m.moe_router_load_balancing_type!r}: only "
              "'aux_loss' (the paper's L_aux; for none set --moe-aux-loss-coeff 0)")
-    if m.moe_grouped_gemm is None and p.sequence_parallel is None:
-        return
-    from megatron_stgc.model.gpt import grouped_gemm_rule, sequence_parallel_rule
-
-    for key, given, (rule, why) in (
-            ("moe_grouped_gemm", m.moe_grouped_gemm, grouped_gemm_rule(config)),
-            ("sequence_parallel", p.sequence_parallel, sequence_parallel_rule(config))):
-        _require(given is None or given == rule,
-                 f"{flag(key)} {str(given).lower()}: this configuration has it "
-                 f"{'on' if rule else 'off'} ({why})")
 
 
 def _validate_block_layout(config: RunConfig) -> None:
@@ -923,25 +885,6 @@ def _validate_data(config: RunConfig) -> None:
              "has one modality)")
 
 
-# Text positions a vision-language sample needs besides its image tokens: the chat
-# template's user and assistant tags, a short question, an answer token and EOS.
-MIN_TEXT_TOKENS = 16
-
-
-def _validate_vision_lengths(config: RunConfig) -> None:
-    """--seq-length must hold the image tokens and some text (else every image record would
-    be dropped as image_truncated and the run would train on text alone)."""
-    from megatron_stgc.model.vision import num_image_tokens
-
-    image_tokens = num_image_tokens(config)
-    needed = image_tokens + MIN_TEXT_TOKENS
-    _require(config.model.seq_length >= needed,
-             f"--seq-length ({config.model.seq_length}) cannot hold an image sample: "
-             f"{image_tokens} image tokens (--img-h {config.vision.img_h} x --img-w "
-             f"{config.vision.img_w} / --patch-dim {config.vision.patch_dim}) + at least "
-             f"{MIN_TEXT_TOKENS} text tokens = {needed}; raise --seq-length")
-
-
 def _validate_vision(config: RunConfig, training: bool = True) -> None:
     """The vision section and the data flags that only make sense with (or without) it."""
     v, d = config.vision, config.data
@@ -985,7 +928,6 @@ def _validate_vision(config: RunConfig, training: bool = True) -> None:
         if d.image_root is not None:  # eval reads the benchmark's own image folder
             _require(os.path.isdir(d.image_root),
                      f"--image-root: {d.image_root} is not a directory")
-        _validate_vision_lengths(config)
     if v.moe_use_upcycling:
         _require(v.pretrained_checkpoint is not None,
                  "--moe-use-upcycling needs --pretrained-checkpoint (a dense checkpoint)")
@@ -994,28 +936,6 @@ def _validate_vision(config: RunConfig, training: bool = True) -> None:
         _require(os.path.isfile(os.path.join(v.pretrained_checkpoint, "model.pt")),
                  f"--pretrained-checkpoint: {v.pretrained_checkpoint}/model.pt does not exist "
                  "(tools/convert_hf_to_megatron.py writes it)")
-
-
-def _validate_with_megatron_core(config: RunConfig) -> None:
-    """Build megatron-core's TransformerConfig from ``config`` (no process group needed),
-    so that whatever megatron-core itself rejects fails here, before any process starts."""
-    import copy
-    import warnings
-
-    from megatron_stgc.model.gpt import transformer_config_from
-
-    variants = [copy.deepcopy(config)]
-    eval_factor = config.model.moe_eval_capacity_factor
-    if config.model.num_experts is not None and eval_factor is not None:
-        variants.append(copy.deepcopy(config))  # what eval mode switches to
-        variants[-1].model.moe_expert_capacity_factor = eval_factor
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for variant in variants:
-                transformer_config_from(variant)
-    except (ValueError, AssertionError, TypeError) as error:
-        raise ConfigError(f"megatron-core rejects this configuration: {error}") from None
 
 
 def _validate_load_tracker(load: Optional[str]) -> None:

@@ -1,4 +1,4 @@
-"""Config checks for MoE-LLaVA's recipe flags (called by config.validate_run_config):
+"""Config checks for MoE-LLaVA's recipe flags (called by validation.validate_run_config):
 capacity, the Gumbel second expert, --trainable-modules, --chat-template,
 --image-aspect-ratio. Each error names the flag."""
 

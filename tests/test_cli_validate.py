@@ -13,7 +13,8 @@ import yaml
 
 from example_paths import llava_example_paths
 from megatron_stgc import cli
-from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, parse_run_config
+from megatron_stgc.validation import validate_run_config
 
 TINY = ["--config", "examples/tiny_moe_cpu.yaml"]
 LLAVA = ["--config", "examples/llava_stablelm_1.6b_clip336.yaml"]

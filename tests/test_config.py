@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from megatron_stgc.config import (ConfigError, build_arg_parser, load_yaml, parse_run_config,
-                                  validate_run_config)
+from megatron_stgc.config import ConfigError, build_arg_parser, load_yaml, parse_run_config
+from megatron_stgc.validation import validate_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "tiny_moe_cpu.yaml")

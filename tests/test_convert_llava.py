@@ -12,7 +12,8 @@ import transformers
 from llava_fixtures import (IMAGE_SIZE, OUR_IMAGE_ID, PADDED_VOCAB, hf_logits, image_tokens,
                             our_logits, our_model, perturbed, run_tool, sample_inputs,
                             tiny_llava, vision_config)
-from megatron_stgc.config import ConfigError, config_from_flat, validate_run_config
+from megatron_stgc.config import ConfigError, config_from_flat
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.convert import load_converted, write_pretrained
 from megatron_stgc.convert.llava import convert_llava_checkpoint
 from stgc_utils import init_single_process

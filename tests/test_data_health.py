@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, parse_run_config
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.data.data_errors import (MIN_BAD_IN_USE, DataError, check_in_use_health,
                                             check_index_health, check_text_health)
 from megatron_stgc.data.images import CLIP_MEAN, CLIP_STD, ImagePreprocessor

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from launch_utils import REPO, TINY_FLAGS, Job, free_port, read_jsonl
-from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, parse_run_config
+from megatron_stgc.validation import validate_run_config
 
 SCRIPT = os.path.join(REPO, "examples", "launch", "torchrun_multinode.sh")
 SBATCH = os.path.join(REPO, "examples", "launch", "slurm_moe.sbatch")

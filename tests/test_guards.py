@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from dist_utils import (build_tiny, named_global_tensors, rank_micro_batches, run_on_ranks,
                         synthetic_global_batch, tiny_config)
-from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, parse_run_config
+from megatron_stgc.validation import validate_run_config
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 16
 
@@ -147,12 +148,12 @@ def test_what_megatron_core_rejects_is_caught_before_any_process_group():
     ConfigErrors (here top-1 routing without pre-softmax, which our earlier check would
     name first)."""
     process_group_before = dist.is_initialized()  # other tests may have made one
-    from megatron_stgc.config import _validate_with_megatron_core
+    from megatron_stgc.model.config_checks import check_with_megatron_core
 
     config = parse_run_config(["--moe-router-topk", "1", "--moe-router-pre-softmax", "false"])
     with pytest.raises(ConfigError, match="megatron-core rejects this configuration: .*topk"):
-        _validate_with_megatron_core(config)
-    _validate_with_megatron_core(parse_run_config([]))  # the defaults pass
+        check_with_megatron_core(config)
+    check_with_megatron_core(parse_run_config([]))  # the defaults pass
     # MoE-LLaVA's 4-Top-1: pre-softmax is switched on for top-1 by default
     validate_run_config(parse_run_config(["--moe-router-topk", "1"]), world_size=1)
     assert dist.is_initialized() == process_group_before  # none created

@@ -13,7 +13,8 @@ import pytest
 
 from example_paths import llava_example_paths
 from launch_utils import REPO
-from megatron_stgc.config import parse_run_config, validate_run_config
+from megatron_stgc.config import parse_run_config
+from megatron_stgc.validation import validate_run_config
 
 SCRIPT = os.path.join(REPO, "examples", "launch", "torchrun_multinode.sh")
 SBATCH = os.path.join(REPO, "examples", "launch", "slurm_moe.sbatch")

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from dist_utils import tiny_config
-from megatron_stgc.config import config_problems
+from megatron_stgc.validation import config_problems
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

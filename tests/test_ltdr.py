@@ -396,7 +396,8 @@ def test_flags_and_yaml_section(tmp_path):
 
 def test_config_errors_name_the_flag():
     from dist_utils import tiny_config
-    from megatron_stgc.config import ConfigError, validate_run_config
+    from megatron_stgc.config import ConfigError
+    from megatron_stgc.validation import validate_run_config
 
     with pytest.raises(ConfigError, match="vision-language"):
         validate_run_config(tiny_config(ltdr=True), world_size=1)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dist_utils import tiny_config
-from megatron_stgc.config import ConfigError, config_problems, fill_defaults, parse_run_config
+from megatron_stgc.config import ConfigError, fill_defaults, parse_run_config
+from megatron_stgc.validation import config_problems
 from megatron_stgc.model.gpt import Hardware, transformer_config_kwargs
 from megatron_stgc.training.setup import build_scheduler
 

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from megatron_stgc.config import ConfigError, config_from_flat, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, config_from_flat, parse_run_config
+from megatron_stgc.validation import validate_run_config
 from stgc_utils import init_single_process, oracle_pair_cosines
 
 PHI_MOE = dict(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,

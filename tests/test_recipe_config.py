@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, parse_run_config
+from megatron_stgc.validation import validate_run_config
 
 VISION = ["--vision-model-type", "clip", "--vision-hidden-size", "64", "--img-h", "32",
           "--img-w", "32", "--patch-dim", "8", "--data-path", __file__, "--image-root", "."]

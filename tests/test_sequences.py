@@ -10,7 +10,8 @@ import torch
 
 from llava_batches import (IMAGE_ID, PAD_ID, SEQ, VOCAB, layout, llava_config, per_sample,
                            real_token_rows, synthetic_samples)
-from megatron_stgc.config import ConfigError, config_from_flat, validate_run_config
+from megatron_stgc.config import ConfigError, config_from_flat
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.data.sequences import (lay_out, pack_balanced, pack_first_fit_decreasing,
                                           sequence_multiple)
 from megatron_stgc.model.modality import IMAGE, PAD, TEXT

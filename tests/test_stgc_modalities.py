@@ -18,7 +18,8 @@ import torch
 
 from dist_utils import run_on_ranks
 from llava_batches import IMAGE_ID, VOCAB, layout, llava_config, synthetic_samples
-from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, parse_run_config
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.model.modality import IMAGE, PAD, TEXT
 
 SAMPLES = 4

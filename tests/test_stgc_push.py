@@ -16,7 +16,8 @@ import torch
 
 from dist_utils import run_on_ranks
 from llava_batches import layout, synthetic_samples
-from megatron_stgc.config import ConfigError, parse_run_config, validate_run_config
+from megatron_stgc.config import ConfigError, parse_run_config
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.stgc import conflict_math
 from test_stgc_modalities import SAMPLES, _one_setting
 

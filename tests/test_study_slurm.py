@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch.distributed.run as torchrun
 
-from megatron_stgc.config import parse_run_config, validate_run_config
+from megatron_stgc.config import parse_run_config
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.eval.options import add_eval_flags
 from megatron_stgc.study.cli import main as study_main
 

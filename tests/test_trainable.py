@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_stgc.config import ConfigError, config_from_flat, validate_run_config
+from megatron_stgc.config import ConfigError, config_from_flat
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.model.param_groups import describe_trainable, group_counts, parameter_group
 from megatron_stgc.model.trainable import TrainableSelectionError
 from megatron_stgc.training.setup import build_model

@@ -149,7 +149,8 @@ class Bench:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from megatron_stgc import parallel
-    from megatron_stgc.config import parse_run_config, validate_run_config
+    from megatron_stgc.config import parse_run_config
+    from megatron_stgc.validation import validate_run_config
 
     config = parse_run_config(training_flags(args))
     validate_run_config(config, 1)

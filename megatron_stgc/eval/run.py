@@ -51,7 +51,7 @@ def use_kv_cache(options: EvalOptions, pad_multiple: int) -> bool:
 
 def check_eval_config(config: RunConfig, options: EvalOptions) -> None:
     from megatron_stgc import parallel
-    from megatron_stgc.config import validate_run_config
+    from megatron_stgc.validation import validate_run_config
 
     if config.checkpoint.load is None:
         raise ConfigError("eval needs --load (the trained checkpoint)")

@@ -51,7 +51,8 @@ def check_points(points: dict[str, Point], base: str, extra: list[str], skip_inv
 
 def _valid(point: Point, base: str, extra: list[str], skip_invalid: bool, world: int,
            say) -> bool:
-    from megatron_stgc.config import ConfigError, validate_run_config
+    from megatron_stgc.config import ConfigError
+    from megatron_stgc.validation import validate_run_config
 
     config = _parse(base, point, extra)
     if not skip_invalid:

@@ -54,7 +54,7 @@ def loaded_model(config: RunConfig) -> Iterator[LoadedModel]:
     """Build ``config``'s model in this one process and load its weights (see the module
     docstring); parallel state is torn down on exit."""
     from megatron_stgc import parallel
-    from megatron_stgc.config import validate_run_config
+    from megatron_stgc.validation import validate_run_config
     from megatron_stgc.training.checkpoint import load_model_weights
     from megatron_stgc.training.train import build_run, image_token_id_of
 

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_stgc import parallel
-from megatron_stgc.config import RunConfig, validate_run_config
+from megatron_stgc.config import RunConfig
+from megatron_stgc.validation import validate_run_config
 from megatron_stgc.data.data_errors import (MIN_BAD_IN_USE, check_in_use_health,
                                             check_index_health, check_text_health)
 from megatron_stgc.data.dataset import PackedDataset, build_dataset
