@@ -17,10 +17,17 @@ deleted by the next save; with ``keep_last`` only the newest K published
 checkpoints are kept (older ones are deleted after the tracker moved on).
 
 Another layout: the weights reshard (eval and export load an EP=2 checkpoint into one
-process); the distributed optimizer's state is saved "dp_reshardable" (below), which
-megatron-core reshards across data-parallel sizes only. Whether a full resume with the
-optimizer state works after an EP change is not tested here: change the layout with
-``--no-load-optim`` (weights, iteration, data position; a fresh optimizer) instead.
+process). The optimizer state does not reshard across an expert-parallel change, with or
+without the distributed optimizer: megatron-core splits the optimizer per parallel group
+(a ChainedOptimizer of a dense and an expert part when the expert data-parallel group
+differs from the dense one), so EP 2 x DP 1 saves "chained_0." / "chained_1." tensors that
+an EP 1 x DP 2 run does not ask for (tests/test_checkpoint_reshard.py, 0.16.1 and 0.19.2).
+"fully_reshardable", megatron-core's per-parameter format for the distributed optimizer,
+gathers through CUDA and fails on CPU; it would not change the split either. A load that
+would hit this stops with a CheckpointLayoutError that says to change the layout with
+``--no-load-optim`` (weights, iteration, data position; a fresh optimizer). The
+distributed optimizer's state is saved "dp_reshardable": it reshards across
+data-parallel sizes at a fixed EP.
 ``load_optim=False`` / ``load_rng=False`` are --no-load-optim / --no-load-rng; --finetune
 loads the weights only (training/train.py, resume_or_start).
 """
@@ -39,15 +46,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _PUBLISHED = re.compile(r"^iter_(\d{7})$")
 _LEFTOVER = re.compile(r"^iter_\d{7}\.(tmp|replaced)-\d+$")
 FORMAT_VERSION = 1
 # The distributed optimizer's state format; "dp_reshardable" reshards across data-parallel
-# sizes (megatron-core's DistributedOptimizer.sharded_state_dict); "fully_reshardable" (per
-# parameter, any layout) was not tried here (issue 24 part 5: not done).
+# sizes (megatron-core's DistributedOptimizer.sharded_state_dict); "fully_reshardable" needs
+# CUDA (tried on CPU, 0.16.1 and 0.19.2) and no format survives an EP change (docstring).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -282,6 +290,30 @@ def _checkpoint_path(root: str, iteration: Optional[int]) -> str:
     return path
 
 
+class CheckpointLayoutError(RuntimeError):
+    """The checkpoint's optimizer state was saved for another parallel layout."""
+
+
+def _check_optimizer_layout(root: str, path: str, optimizer_template) -> None:
+    """Every optimizer tensor this run asks for must be in the checkpoint (same on every
+    rank: the metadata is global). Else megatron-core would fail deep in torch's planner
+    with a KeyError listing every saved key."""
+    saved = set(dist_checkpointing.load_tensors_metadata(path))
+    needed = {item.key for item in nested_values(optimizer_template)
+              if isinstance(item, ShardedTensor)}
+    missing = sorted(needed - saved)
+    if not missing:
+        return
+    raise CheckpointLayoutError(
+        f"--load {root}: the optimizer state in {path} was saved for another parallel layout; "
+        f"{len(missing)} of the {len(needed)} optimizer tensors this run needs are not in it "
+        f"(e.g. {missing[0]!r}). megatron-core reshards the optimizer state across data-"
+        "parallel sizes only, not across an --expert-model-parallel-size (or "
+        "--tensor-model-parallel-size) change. Resume at the saved layout, or load the "
+        "weights, iteration and data position with a fresh optimizer: --no-load-optim "
+        "(docs/CHECKPOINTS.md)")
+
+
 def _check_format(path: str, saved_version: int) -> None:
     if saved_version != FORMAT_VERSION:
         raise RuntimeError(f"--load {path}: checkpoint format {saved_version}, "
@@ -317,6 +349,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler,
     template = _sharded_state(model, optimizer, scheduler, TrainProgress(), is_loading=True,
                               with_rng=with_rng, data_state={} if with_data else None,
                               with_optimizer=load_optim)
+    if load_optim:
+        _check_optimizer_layout(root, path, template["optimizer"])
     state = dist_checkpointing.load(template, path)
     _check_format(path, state["format_version"])
     with torch.no_grad():  # loading writes into parameters in place
