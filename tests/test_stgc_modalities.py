@@ -65,19 +65,23 @@ def _settings(rank, world_size):
     return modality, [_one_setting(m, beta, batch) for m, beta in SETTINGS]
 
 
+def hand_push_grad(pairs, weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """sum over (t, e, w) in ``pairs`` of w * d(-log softmax(-z_t)[e])/dz_t x_t^T, one token
+    at a time (z_t = weight @ x_t)."""
+    grad = torch.zeros_like(weight)
+    for t, e, w in pairs:
+        z = weight @ inputs[t]  # [E]
+        d_z = -torch.softmax(-z, dim=0)  # d(-log softmax(-z)[e])/dz_j = [j == e] - softmax(-z)_j
+        d_z[e] += 1.0
+        grad += w * torch.outer(d_z, inputs[t])
+    return grad
+
+
 def _hand_token_loss_grad(flags: torch.Tensor, weight: torch.Tensor,
                           inputs: torch.Tensor, beta: float) -> torch.Tensor:
     """beta / (N E) * sum over flagged (t, e) of d(-log softmax(-z_t)[e])/dz_t x_t^T."""
-    num_experts = weight.shape[0]
-    pairs = [(t, e) for t, e in flags.nonzero().tolist()]
-    grad = torch.zeros_like(weight)
-    for t, e in pairs:
-        z = weight @ inputs[t]  # [E]
-        inverted = torch.softmax(-z, dim=0)
-        d_z = -inverted  # d(-log softmax(-z)[e])/dz_j = [j == e] - softmax(-z)_j
-        d_z[e] += 1.0
-        grad += torch.outer(d_z, inputs[t])
-    return beta / (max(len(pairs), 1) * num_experts) * grad
+    pairs = [(t, e, 1.0) for t, e in flags.nonzero().tolist()]
+    return beta / (max(len(pairs), 1) * weight.shape[0]) * hand_push_grad(pairs, weight, inputs)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from llava_batches import layout, synthetic_samples
 from megatron_stgc.config import ConfigError, parse_run_config
 from megatron_stgc.validation import validate_run_config
 from megatron_stgc.stgc import conflict_math
-from test_stgc_modalities import SAMPLES, _one_setting
+from test_stgc_modalities import (SAMPLES, _hand_token_loss_grad, _one_setting,
+                                  hand_push_grad)
 
 
 def test_centered_weights_sum_to_zero_per_expert_and_vanish_for_token_blind_flags():
@@ -62,13 +63,9 @@ def _hand_centered_grad(run: dict, beta: float) -> torch.Tensor:
     num_experts = weight.shape[0]
     rates = [flags[:, e].sum().item() / max(judged[:, e].sum().item(), 1)
              for e in range(num_experts)]
-    grad = torch.zeros_like(weight)
-    for t, e in judged.nonzero().tolist():
-        z = weight @ inputs[t]
-        d_z = -torch.softmax(-z, dim=0)
-        d_z[e] += 1.0
-        grad += (float(flags[t, e]) - rates[e]) * torch.outer(d_z, inputs[t])
-    return beta / (max(int(flags.sum()), 1) * num_experts) * grad
+    pairs = [(t, e, float(flags[t, e]) - rates[e]) for t, e in judged.nonzero().tolist()]
+    scale = beta / (max(int(flags.sum()), 1) * num_experts)
+    return scale * hand_push_grad(pairs, weight, inputs)
 
 
 def test_centered_push_router_gradient_matches_the_slow_way():
@@ -79,6 +76,9 @@ def test_centered_push_router_gradient_matches_the_slow_way():
     measured = centered["router_grad"] - beta_zero["router_grad"]
     assert expected.abs().max() > 1e-4
     assert torch.allclose(measured, expected, atol=1e-6, rtol=1e-4)
+    paper = _hand_token_loss_grad(centered["conflicts"], centered["router_weight"],
+                                  centered["router_input"], beta=1.0)
+    assert not torch.allclose(measured, paper, atol=1e-4, rtol=0)  # the test tells them apart
 
 
 def test_an_unknown_push_is_refused():
