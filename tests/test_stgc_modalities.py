@@ -65,13 +65,17 @@ def _settings(rank, world_size):
     return modality, [_one_setting(m, beta, batch) for m, beta in SETTINGS]
 
 
-def hand_push_grad(pairs, weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """sum over (t, e, w) in ``pairs`` of w * d(-log softmax(-z_t)[e])/dz_t x_t^T, one token
-    at a time (z_t = weight @ x_t)."""
+def hand_push_grad(pairs, weight: torch.Tensor, inputs: torch.Tensor,
+                   centered_logit: bool = False) -> torch.Tensor:
+    """sum over (t, e, w) in ``pairs`` of w * d(-log softmax(-z_t)[e])/dz_t x_t^T (or of
+    w * d(z_te - mean z_t)/dz_t x_t^T), one token at a time (z_t = weight @ x_t)."""
     grad = torch.zeros_like(weight)
     for t, e, w in pairs:
         z = weight @ inputs[t]  # [E]
-        d_z = -torch.softmax(-z, dim=0)  # d(-log softmax(-z)[e])/dz_j = [j == e] - softmax(-z)_j
+        if centered_logit:  # d(z_e - mean z)/dz_j = [j == e] - 1/E
+            d_z = torch.full_like(z, -1.0 / z.shape[0])
+        else:  # d(-log softmax(-z)[e])/dz_j = [j == e] - softmax(-z)_j
+            d_z = -torch.softmax(-z, dim=0)
         d_z[e] += 1.0
         grad += w * torch.outer(d_z, inputs[t])
     return grad

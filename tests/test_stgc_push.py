@@ -1,12 +1,13 @@
-"""--stgc-push centered (beyond the paper; conflict_math.centered_push_weights) against the
-slow way: the pure weights, and the router gradient of a real megatron-core step.
+"""--stgc-push centered / centered-logit (beyond the paper; conflict_math.centered_push_weights,
+weighted_centered_logit_sum) against the slow way: the pure weights, and the router
+gradient of a real megatron-core step.
 
 The tiny MoE-LLaVA of test_stgc_modalities.py (tau 0.1, STGC on the first MoE layer) runs
 one micro-batch with --stgc-push centered and with beta 0. The router weight gradient's
 difference must equal beta / (N E) * sum over every judged pair (t, e) of
 ([t, e flagged] - f_e) * d(-log softmax(-z_t)[e])/dz_t x_t^T, built token by token in
 float64, with f_e = flagged / judged pairs of expert e counted here from the flags and
-cosines (N = flagged pairs).
+cosines (N = flagged pairs); centered-logit: d(z_te - mean z_t)/dz_t instead.
 """
 
 from __future__ import annotations
@@ -53,11 +54,16 @@ def _runs(rank, world_size):
     parallel.initialize_model_parallel(1, 1, seed=1234)
     samples, images, has_image = synthetic_samples(SAMPLES, seed=20, max_ids=30)
     batch = layout(samples, images, has_image)
-    return (_one_setting("all", 1.0, batch, stgc_push="centered"),
-            _one_setting("all", 0.0, batch, stgc_push="centered"))
+    return {push: _one_setting("all", beta, batch, stgc_push=push)
+            for push, beta in (("centered", 1.0), ("centered-logit", 1.0), ("paper", 0.0))}
 
 
-def _hand_centered_grad(run: dict, beta: float) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def runs():
+    return run_on_ranks(_runs, 1)[0]
+
+
+def _hand_centered_grad(run: dict, beta: float, centered_logit: bool) -> torch.Tensor:
     weight, inputs, flags = run["router_weight"], run["router_input"], run["conflicts"]
     judged = ~run["cos"].isnan()  # the report: NaN off the routed, real, defined pairs
     num_experts = weight.shape[0]
@@ -65,20 +71,23 @@ def _hand_centered_grad(run: dict, beta: float) -> torch.Tensor:
              for e in range(num_experts)]
     pairs = [(t, e, float(flags[t, e]) - rates[e]) for t, e in judged.nonzero().tolist()]
     scale = beta / (max(int(flags.sum()), 1) * num_experts)
-    return scale * hand_push_grad(pairs, weight, inputs)
+    return scale * hand_push_grad(pairs, weight, inputs, centered_logit)
 
 
-def test_centered_push_router_gradient_matches_the_slow_way():
-    centered, beta_zero = run_on_ranks(_runs, 1)[0]
+@pytest.mark.parametrize("push", ["centered", "centered-logit"])
+def test_centered_push_router_gradient_matches_the_slow_way(runs, push):
+    centered, beta_zero = runs[push], runs["paper"]
     assert torch.equal(centered["router_input"], beta_zero["router_input"])
     assert centered["conflicts"].any() and (~centered["conflicts"] & ~centered["cos"].isnan()).any()
-    expected = _hand_centered_grad(centered, beta=1.0)
+    expected = _hand_centered_grad(centered, 1.0, push == "centered-logit")
     measured = centered["router_grad"] - beta_zero["router_grad"]
     assert expected.abs().max() > 1e-4
     assert torch.allclose(measured, expected, atol=1e-6, rtol=1e-4)
     paper = _hand_token_loss_grad(centered["conflicts"], centered["router_weight"],
                                   centered["router_input"], beta=1.0)
-    assert not torch.allclose(measured, paper, atol=1e-4, rtol=0)  # the test tells them apart
+    other = _hand_centered_grad(centered, 1.0, push != "centered-logit")
+    for wrong in (paper, other):  # the test tells the three pushes apart
+        assert not torch.allclose(measured, wrong, atol=1e-4, rtol=0)
 
 
 def test_an_unknown_push_is_refused():

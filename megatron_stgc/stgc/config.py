@@ -12,7 +12,7 @@ MEAN_SOURCES = ("micro-batch", "micro-batch-bf16", "previous-step", "local")
 # Which tokens STGC judges (modality_filter.py; beyond the paper): padding never.
 MODALITIES = ("all", "text", "image")
 # How L_token weighs the judged pairs (beyond the paper: "centered").
-PUSHES = ("paper", "centered")
+PUSHES = ("paper", "centered", "centered-logit")
 
 
 def parse_layer_ranges(text: str | None, num_layers: int) -> frozenset[int]:
@@ -89,6 +89,9 @@ class STGCConfig:
                     not depend on the token push nothing on average; tokens flagged more often
                     than the expert's others are pushed off, the rest pulled in
                     (conflict_math.centered_push_weights; N stays the flagged count).
+                    "centered-logit": the same weights on the centred logit z_e - mean(z)
+                    instead of -log softmax(-z)[e], a push that does not saturate on one
+                    side only (conflict_math.weighted_centered_logit_sum).
     """
 
     enabled: bool = False

@@ -197,6 +197,19 @@ def weighted_inverted_nll_sum(logits: torch.Tensor, weights: torch.Tensor) -> to
     return -(inverted_log_probs * weights.float()).sum()
 
 
+def weighted_centered_logit_sum(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_{n,e} w_ne (z_ne - mean_j z_nj) (fp32; beyond the paper).
+
+    The push of weighted_inverted_nll_sum without its saturation: d/dz_nj = w_ne ([j == e]
+    - 1/E) for every pair, however far z_ne has already moved. -log softmax(-z)[e] stops
+    pushing once z_e is the lowest logit but keeps pulling (w < 0) at full strength once
+    z_e is the highest, so centred weights that sum to zero still sharpen the router.
+    logits: [T, E]; weights: [T, E].
+    """
+    z = logits.float()
+    return ((z - z.mean(dim=-1, keepdim=True)) * weights.float()).sum()
+
+
 def expert_flag_rates(flagged_per_expert: torch.Tensor,
                       judged_per_expert: torch.Tensor) -> torch.Tensor:
     """f_e = flagged pairs / judged pairs of expert e (0 where none was judged) -> [E]."""

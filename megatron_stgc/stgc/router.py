@@ -66,7 +66,10 @@ class STGCRouter(TopKRouter):
         weights = self._push_weights(conflicts, record)
         with torch.enable_grad():
             z = logits.detach().float().requires_grad_(True)
-            nll_sum = conflict_math.weighted_inverted_nll_sum(z, weights)
+            if self.stgc.config.push == "centered-logit":
+                nll_sum = conflict_math.weighted_centered_logit_sum(z, weights)
+            else:
+                nll_sum = conflict_math.weighted_inverted_nll_sum(z, weights)
             (nll_grad,) = torch.autograd.grad(nll_sum, z)
         totals = self._global_totals(logits, conflicts, record, nll_sum.detach())
         normalizer = totals[0].clamp(min=1.0) * logits.shape[-1]
