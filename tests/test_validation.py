@@ -54,6 +54,18 @@ def test_flag_errors_name_the_flag(tmp_path):
         parse_run_config(["--split", "90,5,5"])
 
 
+def test_each_evaluation_starts_where_the_previous_ended():
+    """Megatron-LM's consecutive validation iterator, from the iteration alone (so a resumed
+    run starts where an uninterrupted one would): --eval-interval 3 --eval-iters 4 over 10
+    steps evaluates after 3, 6, 9 and 10 (the end) at global batches 0, 4, 8, 12."""
+    from megatron_stgc.training.validation import first_global_batch
+
+    config = tiny_config(eval_interval=3, eval_iters=4, train_iters=10)
+    assert [first_global_batch(config, i) for i in (3, 6, 9, 10)] == [0, 4, 8, 12]
+    config = tiny_config(eval_interval=0, eval_iters=4, train_iters=10)
+    assert first_global_batch(config, 10) == 0  # the end-of-training evaluation only
+
+
 def test_bad_validation_records_stop_the_run_naming_the_flag(tmp_path):
     from megatron_stgc.data.data_errors import DataError, check_text_health
     from megatron_stgc.data.text_records import read_text_records
