@@ -9,7 +9,9 @@
   whole (no data-parallel split, no megatron schedule, no padding mask) through the bare
   model and takes the cross entropy of the logits token by token, over the global batches
   the k-th evaluation reads ([2k, 2k + 2)). The same run without validation logs the same
-  training values (losses, grad norms, MoE and STGC metrics), step for step.
+  training values (losses, grad norms, MoE and STGC metrics), step for step, and a run
+  stopped after step 3 (--exit-interval) and resumed logs what the uninterrupted one did,
+  validation values included (the evaluations after the resume read the same batches).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def test_bad_validation_records_stop_the_run_naming_the_flag(tmp_path):
         check_text_health(records.bad, records.num_records, 0.01, data_flag="--valid-data-path")
 
 
-def _config(out_dir: str, name: str, validate: bool):
+def _config(out_dir: str, name: str, validate: bool, **overrides):
     run = os.path.join(out_dir, name)
     values = dict(expert_model_parallel_size=2, seq_length=32, global_batch_size=GLOBAL_BATCH,
                   micro_batch_size=2, train_iters=STEPS, num_samples=200, stgc=True,
@@ -88,6 +90,7 @@ def _config(out_dir: str, name: str, validate: bool):
         values.update(valid_data_path=[os.path.join(out_dir, "valid.jsonl")],
                       eval_interval=EVAL_INTERVAL, eval_iters=EVAL_ITERS, save=run,
                       save_interval=EVAL_INTERVAL)
+    values.update(overrides)
     return tiny_config(**values)
 
 
@@ -130,6 +133,12 @@ def _train_both_and_check(rank, world_size, out_dir):
     config = _config(out_dir, "valid", True)
     validated = run_training(config, destroy_process_groups=False)
     parallel_state.destroy_model_parallel()
+    resumed = []  # stopped after step 3 by --exit-interval, then resumed to the end
+    for exit_interval in (3, None):
+        resumed += run_training(_config(out_dir, "resumed", True, exit_interval=exit_interval,
+                                        load=os.path.join(out_dir, "resumed")),
+                                destroy_process_groups=False)
+        parallel_state.destroy_model_parallel()
     _, tokenizer, objects = build_run(config)
     valid, _ = build_dataset(config.model.seq_length, config.training.seed,
                              config.data.cache_dir, config.data.valid_data_path,
@@ -140,11 +149,11 @@ def _train_both_and_check(rank, world_size, out_dir):
     for iteration, evaluation in EVALUATED.items():
         load_model_weights(config.checkpoint.save, objects.model, iteration)
         slow[iteration] = _slow_valid_loss(model, valid, evaluation)
-    return {"plain": plain, "validated": validated, "slow": slow,
+    return {"plain": plain, "validated": validated, "resumed": resumed, "slow": slow,
             "log": _read(config.logging.log_file) if rank == 0 else None}
 
 
-def test_validation_loss_matches_the_slow_way_and_changes_no_training_step(tmp_path):
+def test_validation_loss_matches_the_slow_way_changes_no_step_and_resumes(tmp_path):
     with open(tmp_path / "valid.jsonl", "w") as f:
         for c in generate_conversations(24, seed=7):
             f.write(json.dumps({"question": c.question, "answer": c.answer}) + "\n")
@@ -158,6 +167,11 @@ def test_validation_loss_matches_the_slow_way_and_changes_no_training_step(tmp_p
         for before, after in zip(plain, validated):
             for key in TRAINING_KEYS:
                 assert before[key] == after[key], (after["iteration"], key)
+        resumed = rank_result["resumed"]
+        assert [r["iteration"] for r in resumed] == list(range(1, STEPS + 1))
+        for uninterrupted, record in zip(validated, resumed):
+            for key in TRAINING_KEYS + ("valid/lm_loss", "valid/tokens"):
+                assert uninterrupted.get(key) == record.get(key), (record["iteration"], key)
         for record in validated:
             if record["iteration"] in EVALUATED:
                 slow = rank_result["slow"][record["iteration"]]
