@@ -1,7 +1,7 @@
 """Validation loss during training: Megatron-LM's --eval-interval, --eval-iters, --valid-data-path.
 
 Megatron-LM (megatron/training/training.py at NVIDIA/Megatron-LM d98e8a6: the train loop's
-"Evaluation." block, line 4915; ``evaluate``, lines 5097-5294; the end-of-training call,
+"Evaluation." block, line 4915; ``evaluate``, lines 5096-5294; the end-of-training call,
 lines 2077-2100) evaluates every ``--eval-interval`` iterations and once more when training
 ends: ``--eval-iters`` global batches (``--global-batch-size``) of validation data, forward
 only, in eval mode and without gradients, the LM loss summed over tokens and data-parallel
@@ -26,9 +26,10 @@ The same here, with these choices:
 What validation does not touch: training state. The model is in eval mode (no dropout, no
 Gumbel draw, --moe-eval-capacity-factor) under ``torch.no_grad``, so megatron-core's router
 tracks no balancing loss and STGC records nothing (stgc/record.py begins a record only in
-training with gradients on), LTDR keeps no mask; the expert-load counter is paused; every
-module's train/eval flag is restored afterwards. A run with --eval-interval and one without
-give the same training losses (tests/test_validation.py).
+training with gradients on), and LTDR's router keeps its modality mask only in training
+(ltdr/router.py); the expert-load counter is paused; every module's train/eval flag is
+restored afterwards (routing_probe.eval_mode). A run with --eval-interval and one without
+give the same training values (tests/test_validation.py, with STGC).
 """
 
 from __future__ import annotations
