@@ -168,6 +168,13 @@ class TrainingConfig:
     lr_decay_iters: Optional[int] = None  # steps the learning rate decays over; None = --train-iters
     # samples of the whole run: sets --train-iters to train_samples // global_batch_size
     train_samples: Optional[int] = None
+    # validation every N steps (Megatron-LM's flag): --eval-iters global batches of
+    # --valid-data-path, forward only, their token-weighted LM loss logged as valid/lm_loss;
+    # 0 or None = only at the end of training (when --valid-data-path is given)
+    eval_interval: Optional[int] = None
+    # global batches each validation runs (Megatron-LM's flag and default); each evaluation
+    # takes the next ones, wrapping over the validation records (training/validation.py)
+    eval_iters: int = 100
 
 
 @dataclass
@@ -209,6 +216,10 @@ class DataConfig:
     # MoE-LLaVA's --group_by_modality_length: every global batch holds records of one
     # modality (image or text-only), split into micro-batches of balanced length
     group_by_modality_length: bool = False
+    # validation records (Megatron-LM's flag): one or more files in the formats of
+    # --data-path, read with the training tokenizer; validation runs at the end of training
+    # and every --eval-interval steps (training/validation.py). None = no validation
+    valid_data_path: Optional[list[str]] = None
 
 
 @dataclass
@@ -283,8 +294,8 @@ class RunConfig:
 
 # Megatron-LM flags this package does not implement: {key: what to use instead}
 UNSUPPORTED_FLAGS = {
-    "eval_interval": "validation during training is not implemented; evaluate a checkpoint "
-                     "with `megatron-stgc eval` (docs/EVAL.md)",
+    "split": "carving validation records out of --data-path is not implemented; give them "
+             "as separate files with --valid-data-path (docs/CLI.md, validation)",
 }
 # Megatron-LM boolean flags that are the negation of a field: {flag key: field key}
 NEGATED_FLAGS = {"disable_bias_linear": "add_bias_linear"}
@@ -669,6 +680,7 @@ def check_flags(config: RunConfig, world_size: int, training: bool = True) -> No
     _require(config.data.vocab_size >= 64 or config.data.tokenizer_model is not None,
              f"--vocab-size must be >= 64, got {config.data.vocab_size}")
     check(_validate_data, config)
+    check(_validate_validation, config)
     if config.data.tokenizer_model is not None:
         _require(os.path.exists(config.data.tokenizer_model),
                  f"--tokenizer-model: {config.data.tokenizer_model} does not exist (a "
@@ -883,6 +895,28 @@ def _validate_data(config: RunConfig) -> None:
     _require(not d.group_by_modality_length or config.vision.vision_model_type is not None,
              "--group-by-modality-length needs --vision-model-type (the text-only data set "
              "has one modality)")
+
+
+def _validate_validation(config: RunConfig) -> None:
+    """--eval-interval, --eval-iters and --valid-data-path (Megatron-LM's flags)."""
+    t, d = config.training, config.data
+    _require(t.eval_interval is None or t.eval_interval >= 0,
+             f"--eval-interval must be >= 0 (0 = only at the end of training), got "
+             f"{t.eval_interval}")
+    _require(not t.eval_interval or d.valid_data_path is not None,
+             f"--eval-interval {t.eval_interval} needs --valid-data-path (the validation "
+             "records; --split is not implemented)")
+    if d.valid_data_path is None:
+        return
+    _require(t.eval_iters >= 1,
+             f"--eval-iters must be >= 1 with --valid-data-path, got {t.eval_iters} (for no "
+             "validation drop --valid-data-path)")
+    for path in d.valid_data_path:
+        _require(os.path.exists(path), f"--valid-data-path: {path} does not exist")
+    real = [os.path.realpath(path) for path in d.valid_data_path]
+    repeated = sorted({path for path in d.valid_data_path
+                       if real.count(os.path.realpath(path)) > 1})
+    _require(not repeated, f"--valid-data-path names {repeated} more than once")
 
 
 def _validate_vision(config: RunConfig, training: bool = True) -> None:

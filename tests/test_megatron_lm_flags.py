@@ -1,5 +1,6 @@
 """Megatron-LM's common flags: accepted with Megatron-LM's meaning (--lr-warmup-iters,
---lr-decay-iters, --train-samples, --moe-z-loss-coeff, --disable-bias-linear, --freeze-LM),
+--lr-decay-iters, --train-samples, --moe-z-loss-coeff, --disable-bias-linear, --freeze-LM;
+--eval-interval / --eval-iters / --valid-data-path: tests/test_validation.py),
 checked against this package's rule (--moe-grouped-gemm, --sequence-parallel,
 --moe-router-load-balancing-type), or refused with what to use instead."""
 
@@ -24,8 +25,8 @@ def test_disable_bias_linear_overrides_the_yaml(tmp_path):
     path.write_text("add_bias_linear: true\n")
     assert parse_run_config(["--config", str(path)]).model.add_bias_linear
     assert not parse_run_config(["--config", str(path), "--disable-bias-linear"]).model.add_bias_linear
-    path.write_text("disable_bias_linear: true\neval_interval: 5\n")  # the YAML spellings
-    with pytest.raises(ConfigError, match="^--eval-interval \\(Megatron-LM\\)"):
+    path.write_text("disable_bias_linear: true\nsplit: 90,5,5\n")  # the YAML spellings
+    with pytest.raises(ConfigError, match="^--split \\(Megatron-LM\\)"):
         parse_run_config(["--config", str(path)])
     path.write_text("add_bias_linear: true\ndisable_bias_linear: true\n")
     assert not parse_run_config(["--config", str(path)]).model.add_bias_linear
@@ -33,10 +34,10 @@ def test_disable_bias_linear_overrides_the_yaml(tmp_path):
 
 def test_unimplemented_flags_are_refused_with_what_to_use():
     with pytest.raises(ConfigError) as raised:
-        parse_run_config(["--eval-interval", "10"])
+        parse_run_config(["--split", "90,5,5"])
     problems = raised.value.problems
     assert len(problems) == 1
-    assert problems[0].startswith("--eval-interval (Megatron-LM): ") and "megatron-stgc eval" in problems[0]
+    assert problems[0].startswith("--split (Megatron-LM): ") and "--valid-data-path" in problems[0]
 
 
 def test_load_options_need_load(tmp_path):

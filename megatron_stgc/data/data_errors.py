@@ -32,28 +32,31 @@ def top_kinds(counter: BadSampleCounter, count: int = TOP_KINDS) -> str:
                      for kind, n in ranked)
 
 
-def check_index_health(index, max_fraction: float, needs_images: bool) -> None:
-    """index: a LlavaMix (``bad_samples``, ``num_records``, ``num_with_image``, ``report``)."""
+def check_index_health(index, max_fraction: float, needs_images: bool,
+                       data_flag: str = "--data-path") -> None:
+    """index: a LlavaMix (``bad_samples``, ``num_records``, ``num_with_image``, ``report``);
+    data_flag: the flag that named its files (--valid-data-path for validation records)."""
     bad, total = index.bad_samples.total, index.num_records
     if total and bad / total > max_fraction:
         raise DataError(
-            f"--data-path: {bad} of {total} records ({100 * bad / total:.1f}%) are unusable, "
+            f"{data_flag}: {bad} of {total} records ({100 * bad / total:.1f}%) are unusable, "
             f"more than --max-bad-sample-fraction {max_fraction}; most frequent:\n"
             f"{top_kinds(index.bad_samples)}\n{_hint(index.bad_samples)}"
             f"full report:\n{index.report()}")
     if needs_images and index.num_with_image == 0:
         raise DataError(
-            f"--data-path: none of the {len(index)} usable records has an image, but "
+            f"{data_flag}: none of the {len(index)} usable records has an image, but "
             "--vision-model-type is set: the run would train on text alone. Check "
             f"--image-root (the folder the records' image paths are relative to).\n"
             f"{index.report()}")
 
 
-def check_text_health(bad: BadSampleCounter, num_records: int, max_fraction: float) -> None:
+def check_text_health(bad: BadSampleCounter, num_records: int, max_fraction: float,
+                      data_flag: str = "--data-path") -> None:
     """The text-only loader's bad records (data/text_records.py) over all its records."""
     if num_records and bad.total / num_records > max_fraction:
         raise DataError(
-            f"--data-path: {bad.total} of {num_records} records "
+            f"{data_flag}: {bad.total} of {num_records} records "
             f"({100 * bad.total / num_records:.1f}%) are unusable, more than "
             f"--max-bad-sample-fraction {max_fraction}; most frequent:\n{top_kinds(bad)}\n"
             f"{_hint(bad)}")

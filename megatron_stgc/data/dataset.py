@@ -156,17 +156,22 @@ def tokenizer_texts(conversations: list[Conversation]) -> list[str]:
 def build_dataset(seq_length: int, seed: int, cache_dir: str,
                   data_path: Optional[list[str] | str] = None,
                   tokenizer_model: Optional[str] = None, vocab_size: int = 512,
-                  num_samples: int = 4000) -> tuple[PackedDataset, Tokenizer]:
+                  num_samples: int = 4000, tokenizer: Optional[Tokenizer] = None
+                  ) -> tuple[PackedDataset, Tokenizer]:
     """The packed data set and its tokenizer (trained and cached on first use).
 
     Without ``data_path`` the embedded generator makes ``num_samples``
-    conversations. Call on every rank; to avoid a training race, let rank 0 call
-    it first (``prepare_data`` in training/train.py does).
+    conversations. ``tokenizer``: use this one (the training run's, for
+    --valid-data-path) instead of loading or training one. Call on every rank; to
+    avoid a training race, let rank 0 call it first (``prepare_data`` in
+    training/train.py does).
     """
     records = text_records(data_path)
     conversations = (records.conversations if records is not None
                      else generate_conversations(num_samples, seed=0))
-    if tokenizer_model is not None:
+    if tokenizer is not None:
+        pass
+    elif tokenizer_model is not None:
         tokenizer = load_tokenizer(tokenizer_model)
     else:
         os.makedirs(cache_dir, exist_ok=True)

@@ -271,20 +271,23 @@ def build_llava_dataset(data_path: list[str] | str, image_root: Optional[str], c
                         tokenizer_model: Optional[str] = None, vocab_size: int = 512,
                         allow_image_outside_root: bool = False, chat_template: str = "plain",
                         pad_to_multiple: int = 1, pack: bool = False,
-                        grouping: Optional[tuple[int, int]] = None
-                        ) -> tuple[LlavaSFTDataset, object]:
+                        grouping: Optional[tuple[int, int]] = None, tokenizer=None,
+                        data_flag: str = "--data-path") -> tuple[LlavaSFTDataset, object]:
     """The LLaVA data set over one or more files and its tokenizer (a SentencePiece model
     trained on the data and cached on first use, unless --tokenizer-model is given). The
     image token id is the first id past the tokenizer's vocabulary. ``grouping``:
-    (global batch size, micro-batch size) for --group-by-modality-length, else None. Let
-    rank 0 call it first (index build)."""
+    (global batch size, micro-batch size) for --group-by-modality-length, else None.
+    ``tokenizer``: use this one (the training run's, for --valid-data-path); ``data_flag``:
+    the flag errors name. Let rank 0 call it first (index build)."""
     from megatron_stgc.data.tokenizer import get_or_train_tokenizer, load_tokenizer
 
     os.makedirs(cache_dir, exist_ok=True)
     index = open_llava_mix(data_path, image_root, cache_dir, allow_image_outside_root)
     if len(index) == 0:
-        raise DataError(f"--data-path {index.path}: no usable records\n{index.report()}")
-    if tokenizer_model is not None:
+        raise DataError(f"{data_flag} {index.path}: no usable records\n{index.report()}")
+    if tokenizer is not None:
+        pass
+    elif tokenizer_model is not None:
         tokenizer = load_tokenizer(tokenizer_model)
     else:
         tokenizer = get_or_train_tokenizer(tokenizer_training_texts(index), vocab_size, cache_dir)

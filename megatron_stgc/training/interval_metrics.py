@@ -62,6 +62,10 @@ class IntervalMetrics:
         self.steps = 0
         self.started = time.perf_counter()
 
+    def restart_clock(self) -> None:
+        """The next record's step time starts now (after work that is no step's, validation)."""
+        self.started = time.perf_counter()
+
     def add_step(self, result: StepResult) -> None:
         """After a step: keep its loss sums on the device (no host sync)."""
         totals = torch.zeros(4, dtype=torch.float64, device=parallel.collective_device())

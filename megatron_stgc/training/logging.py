@@ -10,7 +10,9 @@ least ``iteration``, ``steps``, ``loss``, ``lr``, ``grad_norm``,
 ``real_token_fraction`` (real / computed positions), ``step_time_s``,
 ``moe/load_balancing_loss`` (for MoE models), ``tokens_per_expert``
 ({"layer_<n>": [...]}, padding not counted) and every value produced by the sources in
-``training.metrics``.
+``training.metrics``; validation steps (--eval-interval, the end with --valid-data-path) add
+``valid/lm_loss``, ``valid/ppl``, ``valid/tokens``, ``valid/samples``, ``valid/time_s``
+(training/validation.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 
 PROGRESS_KEYS = ("loss", "moe/load_balancing_loss", "stgc/token_loss", "stgc/conflict_fraction",
-                 "lr", "grad_norm", "tokens_per_second")
+                 "lr", "grad_norm", "tokens_per_second", "valid/lm_loss", "valid/ppl")
 
 
 def _format(value: Any) -> str:

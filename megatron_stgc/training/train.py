@@ -40,6 +40,7 @@ from megatron_stgc.training.setup import TrainingObjects, build_model_and_optimi
 from megatron_stgc.training.stgc_hooks import (register_stgc_metrics, run_train_step,
                                                unregister_stgc_metrics)
 from megatron_stgc.training.ltdr_hooks import register_ltdr_metrics, unregister_ltdr_metrics
+from megatron_stgc.training.validation import Validation
 from megatron_stgc.routing.spec import set_router_step
 
 
@@ -65,25 +66,29 @@ def image_preprocessor(config: RunConfig):
                              pad_to_square=config.data.image_aspect_ratio == "pad")
 
 
-def build_vision_language_data(config: RunConfig):
-    """The LLaVA data set (index, tokenizer, image loader) for --vision-model-type runs."""
+def build_vision_language_data(config: RunConfig, tokenizer=None):
+    """The LLaVA data set (index, tokenizer, image loader) for --vision-model-type runs;
+    with ``tokenizer`` (the training run's), the --valid-data-path records instead."""
     from megatron_stgc.data.llava_dataset import build_llava_dataset
     from megatron_stgc.data.sequences import sequence_multiple
     from megatron_stgc.model.vision import num_image_tokens
 
     loader = image_preprocessor(config)
+    validation = tokenizer is not None
     grouping = None
-    if config.data.group_by_modality_length:
+    if config.data.group_by_modality_length and not validation:
         grouping = (config.training.global_batch_size, config.training.micro_batch_size)
     return build_llava_dataset(
-        config.data.data_path, config.data.image_root, cache_dir_for(config),
+        config.data.valid_data_path if validation else config.data.data_path,
+        config.data.image_root, cache_dir_for(config),
         seed=config.training.seed, seq_length=config.model.seq_length,
         num_image_tokens=num_image_tokens(config), image_loader=loader,
         tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
         allow_image_outside_root=config.data.allow_image_outside_root,
         chat_template=config.data.chat_template,
         pad_to_multiple=sequence_multiple(config), pack=config.data.use_packed_sequence,
-        grouping=grouping)
+        grouping=grouping, tokenizer=tokenizer,
+        data_flag="--valid-data-path" if validation else "--data-path")
 
 
 def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
@@ -100,6 +105,31 @@ def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
     result = build() if dist.get_rank() == 0 else None
     dist.barrier()
     return result if result is not None else build()
+
+
+def prepare_validation_data(config: RunConfig, tokenizer: Tokenizer):
+    """The --valid-data-path records, read with the training tokenizer (rank 0 first: it
+    may build the LLaVA index), or None without the flag."""
+    from megatron_stgc.data.data_errors import DataError
+
+    if config.data.valid_data_path is None:
+        return None
+
+    def build():
+        if config.vision.vision_model_type is not None:
+            return build_vision_language_data(config, tokenizer)[0]
+        return build_dataset(
+            seq_length=config.model.seq_length, seed=config.training.seed,
+            cache_dir=cache_dir_for(config), data_path=config.data.valid_data_path,
+            tokenizer=tokenizer)[0]
+
+    result = build() if dist.get_rank() == 0 else None
+    dist.barrier()
+    dataset = result if result is not None else build()
+    if len(dataset) == 0:
+        raise DataError(f"--valid-data-path {' '.join(config.data.valid_data_path)}: no usable "
+                        "records")
+    return dataset
 
 
 def image_token_id_of(dataset) -> Optional[int]:
@@ -168,18 +198,22 @@ def data_report(dataset) -> str:
                           scope=" (all ranks)")
 
 
-def check_data_before_training(config: RunConfig, dataset, logger: StepLogger) -> None:
+def check_data_before_training(config: RunConfig, dataset, logger: StepLogger,
+                               data_flag: str = "--data-path") -> None:
     """Print the index report (records usable per file, bad kinds, modalities) and stop when
-    the data cannot train this run (data/data_errors.py); the same decision on every rank."""
+    the data cannot train this run (data/data_errors.py); the same decision on every rank.
+    data_flag: the flag that named the files (--valid-data-path for the validation set)."""
     index = getattr(dataset, "index", None)
     if index is not None:
         logger.message(index.report())
         check_index_health(index, config.data.max_bad_sample_fraction,
-                           needs_images=config.vision.vision_model_type is not None)
+                           needs_images=config.vision.vision_model_type is not None,
+                           data_flag=data_flag)
     bad = getattr(dataset, "bad_records", None)  # the text-only loader's
     if bad is not None:
-        logger.message(bad.report().replace("bad samples:", "bad records in --data-path:"))
-        check_text_health(bad, dataset.num_records, config.data.max_bad_sample_fraction)
+        logger.message(bad.report().replace("bad samples:", f"bad records in {data_flag}:"))
+        check_text_health(bad, dataset.num_records, config.data.max_bad_sample_fraction,
+                          data_flag=data_flag)
 
 
 def data_state_of(dataset) -> Optional[dict]:
@@ -240,14 +274,19 @@ def log_interval_record(config: RunConfig, interval: IntervalMetrics, progress: 
 
 
 def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDataset,
-               progress: TrainProgress, logger: StepLogger) -> list[dict[str, Any]]:
-    """Steps from ``progress`` to --train-iters (or --exit-interval); saves as configured.
-    Returns the log records (one per log step, see training/interval_metrics.py)."""
+               progress: TrainProgress, logger: StepLogger,
+               valid_dataset=None) -> list[dict[str, Any]]:
+    """Steps from ``progress`` to --train-iters (or --exit-interval); saves as configured;
+    validates on ``valid_dataset`` (--valid-data-path) every --eval-interval steps and at the
+    end. Returns the log records (one per log step, see training/interval_metrics.py; a
+    validation step is a log step and its record has valid/*: training/validation.py)."""
     t, ckpt = config.training, config.checkpoint
     n_micro = num_microbatches(config)
     expert_load = ExpertLoadCounter(objects.unwrapped_model)
     guard = install_nonfinite_guard(objects.model, objects.optimizer, t.nan_policy)
     interval = IntervalMetrics(config, expert_load, n_micro)
+    validation = (None if valid_dataset is None else
+                  Validation(config, objects, valid_dataset, expert_load, n_micro))
     stream = batch_stream(config, dataset, progress)
     stability = start_routing_stability(config, objects, expert_load, dataset)
     records = []
@@ -268,8 +307,12 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
                           and progress.iteration % ckpt.save_interval == 0)
             exiting = bool(t.exit_interval and progress.iteration - started_at >= t.exit_interval)
             last = exiting or progress.iteration == t.train_iters
-            if is_log_step(config, progress.iteration, saving, last):
+            validating = validation is not None and validation.due(progress.iteration)
+            if is_log_step(config, progress.iteration, saving, last) or validating:
                 record = log_interval_record(config, interval, progress, guard, dataset)
+                if validating:
+                    record.update(validation.run(progress.iteration))
+                    interval.restart_clock()  # validation time is no step's time
                 logger.log(record)
                 records.append(record)
             if saving:
@@ -324,11 +367,15 @@ def run_training(config: RunConfig, destroy_process_groups: bool = True) -> list
         for note in objects.notes:
             logger.message(note)
         check_data_before_training(config, dataset, logger)
+        valid_dataset = prepare_validation_data(config, tokenizer)
+        if valid_dataset is not None:
+            logger.message("validation records (--valid-data-path):")
+            check_data_before_training(config, valid_dataset, logger, "--valid-data-path")
         progress = resume_or_start(config, objects, logger, dataset)
         register_stgc_metrics(config, objects)
         register_ltdr_metrics(config, objects)
         try:
-            records = train_loop(config, objects, dataset, progress, logger)
+            records = train_loop(config, objects, dataset, progress, logger, valid_dataset)
             if hasattr(dataset, "bad_samples"):
                 logger.message(data_report(dataset))
             return records
