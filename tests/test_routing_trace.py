@@ -5,10 +5,13 @@ each token's modality.
   message names the flag and 0.19.0), needs a MoE model; the max-iters flag needs the path.
 * On a megatron-core with the tracer (0.19.2 lane), a tiny MoE-LLaVA (2 MoE layers, real
   megatron-core routers, EP 2 on two gloo ranks, 2 micro-batches a step) trains 3 steps with
-  tracing limited to 2: each rank's JSONL file parses, holds one record per (step,
-  micro-batch, MoE layer) in call order, each record's top-k experts per token equal the
-  routing map its router returned (captured by our own forward hook), and its modality
-  column equals the batch's modality ([s, b] flattened). The third step is not traced.
+  tracing limited to 2 (step 0 also runs one forward without gradients): each rank's JSONL
+  file parses, holds one record per (forward, MoE layer) in call order, each record's
+  top-k experts per token equal the routing map its router returned (captured by our own
+  forward hook), its modality column equals that forward's batch modality ([s, b]
+  flattened) and its forward kind is "train" or "no_grad". The third step is not traced.
+  With --moe-expert-capacity-factor 0.5 (tokens dropped; megatron's own hook skips those
+  calls) every call is still in the file, dropped slots as -1.
 * The training loop (run_training) with the flag writes both ranks' files (tiny text-only
   GPT MoE: no modality field).
 """
@@ -55,10 +58,19 @@ def test_the_flag_needs_moe_and_the_step_limit_needs_the_flag(tmp_path):
     assert "--moe-routing-trace-max-training-iters must be >= 1, got 0" in problems
 
 
-def _traced_llava(rank, world_size, out_dir):
+def test_padded_experts_by_hand():
+    from megatron_stgc.training.routing_trace import padded_experts
+
+    routing_map = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    assert padded_experts(routing_map, 2).tolist() == [[0, 2, 3], [-1, -1, -1], [1, -1, -1]]
+    assert padded_experts(routing_map[1:], 2).tolist() == [[-1, -1], [1, -1]]
+
+
+def _traced_llava(rank, world_size, out_dir, capacity_factor):
     from megatron.core import parallel_state
 
     from megatron_stgc import parallel
+    from megatron_stgc.training.forward import gpt_forward_step
     from megatron_stgc.training.routing_probe import moe_routers
     from megatron_stgc.training.routing_trace import start_routing_trace
     from megatron_stgc.training.setup import build_model_and_optimizer
@@ -69,7 +81,8 @@ def _traced_llava(rank, world_size, out_dir):
     config = llava_config(expert_model_parallel_size=world_size,
                           global_batch_size=SAMPLES * MICRO * world_size,
                           moe_routing_trace_path=out_dir,
-                          moe_routing_trace_max_training_iters=TRACED)
+                          moe_routing_trace_max_training_iters=TRACED,
+                          moe_expert_capacity_factor=capacity_factor)
     seed_everything(config.training.seed)
     objects = build_model_and_optimizer(config, VOCAB, IMAGE_ID)
     trace = start_routing_trace(config, objects)
@@ -85,38 +98,51 @@ def _traced_llava(rank, world_size, out_dir):
     dp_rank = parallel_state.get_data_parallel_rank()
     batches = [layout(*synthetic_samples(SAMPLES, seed=100 * dp_rank + i))
                for i in range(STEPS * MICRO)]
+    forwards = []  # per model forward, in order: (step, kind, modality in router order)
     for step in range(STEPS):
         micro = batches[step * MICRO:(step + 1) * MICRO]
         train_step(objects.model, objects.optimizer, objects.scheduler, iter(micro), MICRO,
                    SAMPLES, max(b["tokens"].shape[1] for b in micro))
+        forwards += [(step, "train", b["modality"].t().reshape(-1).tolist()) for b in micro]
+        if step == 0:  # a forward without gradients (as the routing probe's) is traced too
+            with torch.no_grad():
+                gpt_forward_step(iter([batches[-1]]), objects.model[0])
+            forwards.append((step, "no_grad", batches[-1]["modality"].t().reshape(-1).tolist()))
         trace.end_step(step)
     trace.close()
-    modality = [b["modality"].t().reshape(-1).tolist() for b in batches]  # router order
-    return {"captured": captured, "modality": modality}
+    return {"captured": captured, "forwards": forwards}
 
 
 @needs_tracer
-def test_trace_records_equal_the_routers_maps_and_the_batch_modality(tmp_path):
-    results = run_on_ranks(_traced_llava, 2, str(tmp_path))
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_trace_records_equal_the_routers_maps_and_the_batch_modality(tmp_path, capacity_factor):
+    """capacity 0.5 drops tokens: megatron's hook skips those calls, ours writes them with
+    rows padded by -1; every call is in the file either way."""
+    results = run_on_ranks(_traced_llava, 2, str(tmp_path), capacity_factor)
     for rank, result in enumerate(results):
         records = _read(str(tmp_path), rank)
-        captured = result["captured"]
+        captured, forwards = result["captured"], result["forwards"]
         layers = sorted({layer for layer, _ in captured})
-        per_step = MICRO * len(layers)
-        assert len(captured) == STEPS * per_step
-        assert len(records) == TRACED * per_step  # the third step is not traced
+        assert len(captured) == len(forwards) * len(layers) == (STEPS * MICRO + 1) * len(layers)
+        traced = [f for f in forwards if f[0] < TRACED]  # the third step is not traced
+        assert len(records) == len(traced) * len(layers)
+        assert [f[1] for f in traced] == ["train"] * MICRO + ["no_grad"] + ["train"] * MICRO
         for index, record in enumerate(records):
             layer, routing_map = captured[index]
-            step, micro = divmod(index // len(layers), MICRO)
+            step, kind, modality = traced[index // len(layers)]
             assert (record["step"], record["layer"], record["rank"]) == (step, layer - 1, rank)
-            assert record["forward"] == "train" and record["topk"] == 2
+            assert record["forward"] == kind and record["topk"] == 2
             experts = [sorted(e for e, chosen in enumerate(row) if chosen)
                        for row in routing_map]
-            assert [sorted(row) for row in record["top_indices"]] == experts
-            modality = result["modality"][step * MICRO + micro]
+            assert [sorted(e for e in row if e >= 0) for row in record["top_indices"]] == experts
+            short = any(len(row) < 2 for row in experts)
+            assert record.get("short_rows", False) == short
+            assert all(len(row) == 2 for row in record["top_indices"])
             assert record["num_tokens"] == len(modality) == len(routing_map)
             assert record["modality"] == modality
         assert {0, 1, 2} <= {code for r in records for code in r["modality"]}
+        dropped = sum(row.count(-1) for r in records for row in r["top_indices"])
+        assert (dropped > 0) == (capacity_factor is not None)
 
 
 def _train_with_trace(rank, world_size, out_dir):

@@ -22,19 +22,45 @@ dicts serialised with every key; its MTP records add ``mtp_idx`` the same way):
   inside the backward pass: megatron records those calls again) or ``"no_grad"`` (a forward
   without gradients, e.g. the routing probe, training/routing_probe.py).
 
-A router call megatron's tracer does not record (its hook skips a bool routing map whose
-row count is not num_tokens x topk, i.e. tokens dropped by a capacity factor) is counted in
-``RoutingTrace.unrecorded``; the training loop reports the count at the end.
+megatron's hook skips a router call whose bool routing map does not hold exactly topk
+experts per token (tokens dropped by --moe-expert-capacity-factor, LTDR's variable experts
+per token). We write those records ourselves through the tracer's public
+``record_indices`` (same format): each token's experts in ascending order, the row padded
+with -1 (a slot whose choice was dropped, or a token with fewer experts) to the widest
+row (at least topk; then ``topk`` is that width), and ``"short_rows": true``.
+``RoutingTrace.completed`` counts them; the training loop reports the count at the end.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import re
+
 import torch
 
 from megatron_stgc.mcore_compat import router_tracer_class
 from megatron_stgc.training.expert_load import _inside_backward
+
+
+_DECODER_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")  # as megatron names its layers
+
+
+def decoder_layer(module_name: str, router) -> int:
+    """The router's layer as megatron's tracer numbers it: its position in decoder.layers."""
+    found = _DECODER_LAYER.search(module_name)
+    return int(found.group(1)) if found else router.layer_number - 1
+
+
+def padded_experts(routing_map: torch.Tensor, topk: int) -> torch.Tensor:
+    """int32 [tokens, width]: each token's experts ascending, -1 in unused slots;
+    routing_map: bool [tokens, experts]; width = max(topk, most experts of a token)."""
+    num_experts = routing_map.shape[1]
+    experts = torch.arange(num_experts, device=routing_map.device).expand_as(routing_map)
+    chosen_first = torch.where(routing_map, experts, experts + num_experts)  # [tokens, experts]
+    width = max(topk, int(routing_map.sum(dim=1).max()) if routing_map.numel() else topk)
+    slots = chosen_first.argsort(dim=1)[:, :width]  # [tokens, width]
+    return torch.where(routing_map.gather(1, slots), slots, -1).to(torch.int32)
 
 
 class RoutingTrace:
@@ -43,19 +69,21 @@ class RoutingTrace:
     def __init__(self, directory: str, max_steps: int, rank: int, chunks: list,
                  modality_context=None):
         from megatron.core.transformer.moe.router import TopKRouter
+        from megatron.core.utils import unwrap_model
 
         self.tracer = router_tracer_class()(directory, max_steps, rank, training_mode=True)
         self.tracer.register_hooks(chunks)  # megatron's hooks first: ours see their record
         self.modality_context = modality_context
         self.max_steps = max_steps
         self.steps = 0
-        self.unrecorded = 0
+        self.completed = 0
         self.handles = []
         for chunk in chunks:
-            for router in chunk.modules():
+            for name, router in unwrap_model(chunk).named_modules():
                 if isinstance(router, TopKRouter):
                     self.handles.append(router.register_forward_pre_hook(self._before))
-                    self.handles.append(router.register_forward_hook(self._after))
+                    self.handles.append(router.register_forward_hook(
+                        self._after_hook(decoder_layer(name, router))))
         self._records_before = 0
 
     @property
@@ -65,11 +93,22 @@ class RoutingTrace:
     def _before(self, router, args) -> None:
         self._records_before = len(self.tracer.records)
 
-    def _after(self, router, args, output) -> None:
-        if len(self.tracer.records) == self._records_before:
-            self.unrecorded += 1
-            return
-        record = self.tracer.records[-1]
+    def _after_hook(self, layer: int):
+        def after(router, args, output) -> None:
+            if len(self.tracer.records) == self._records_before:  # megatron's hook skipped it
+                self._complete(router, layer, output[1])
+            self._add_fields(self.tracer.records[-1])
+        return after
+
+    def _complete(self, router, layer: int, routing_map: torch.Tensor) -> None:
+        """Record a call megatron's hook skipped (rows not exactly topk experts)."""
+        routing_map = routing_map.reshape(-1, routing_map.shape[-1]).bool()
+        self.tracer.record_indices([padded_experts(routing_map, router.topk)],
+                                   layer_ids=[layer])
+        self.tracer.records[-1]["short_rows"] = True
+        self.completed += 1
+
+    def _add_fields(self, record: dict) -> None:
         record["forward"] = _forward_kind()
         if self.modality_context is not None:
             record["modality"] = self._modality(record["num_tokens"])
@@ -130,6 +169,6 @@ def start_routing_trace(config, objects) -> Optional[RoutingTrace]:
 
 def trace_report(trace: RoutingTrace) -> str:
     """One line for the end of training: where this rank's trace is, what it left out."""
-    skipped = (f"; {trace.unrecorded} router calls not recorded by megatron's tracer (tokens "
-               "dropped by the capacity factor)" if trace.unrecorded else "")
+    skipped = (f"; {trace.completed} records with short rows (dropped tokens, padded with -1)"
+               if trace.completed else "")
     return f"routing trace: {trace.steps} steps in {trace.path}{skipped}"
