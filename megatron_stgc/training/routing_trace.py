@@ -33,9 +33,8 @@ row (at least topk; then ``topk`` is that width), and ``"short_rows": true``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import re
+from typing import Optional
 
 import torch
 
