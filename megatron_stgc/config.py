@@ -252,6 +252,14 @@ class LoggingConfig:
     # micro-batches of the first step) runs through the model without gradients at the start
     # and on a log step once this many steps passed since the last probe; 0 = never
     routing_probe_interval: int = 20
+    # megatron-core's routing tracer (training/routing_trace.py; megatron-core >= 0.19): a
+    # directory; each rank writes router_trace_rank<R>.jsonl there, one record per MoE layer
+    # forward with each token's top-k experts (megatron's format) and, for a vision-language
+    # model, each token's modality (docs/OBSERVABILITY.md); Megatron-LM's flag
+    moe_routing_trace_path: Optional[str] = None
+    # trace only the first N training steps (None: every step, as Megatron-LM); needs
+    # --moe-routing-trace-path
+    moe_routing_trace_max_training_iters: Optional[int] = None
 
 
 SECTIONS = {
@@ -699,6 +707,7 @@ def check_flags(config: RunConfig, world_size: int, training: bool = True) -> No
     check(_validate_load_tracker, config.checkpoint.load)
     check(_validate_load_options, config.checkpoint)
     check(_validate_loggers, config.logging)
+    check(_validate_routing_trace, config)
     _require(m.normalization in ("LayerNorm", "RMSNorm"),
              f"--normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
     _require(m.position_embedding_type in ("rope", "learned_absolute", "none"),
@@ -753,6 +762,24 @@ def _validate_loggers(log: LoggingConfig) -> None:
     for key in ("wandb_exp_name", "wandb_save_dir"):
         _require(getattr(log, key) is None or log.wandb_project is not None,
                  f"{flag(key)} needs --wandb-project")
+
+
+def _validate_routing_trace(config: RunConfig) -> None:
+    """--moe-routing-trace-path: a MoE model and a megatron-core that has the tracer."""
+    log = config.logging
+    _require(log.moe_routing_trace_max_training_iters is None
+             or log.moe_routing_trace_path is not None,
+             "--moe-routing-trace-max-training-iters needs --moe-routing-trace-path")
+    _require(log.moe_routing_trace_max_training_iters is None
+             or log.moe_routing_trace_max_training_iters >= 1,
+             "--moe-routing-trace-max-training-iters must be >= 1, got "
+             f"{log.moe_routing_trace_max_training_iters}")
+    if log.moe_routing_trace_path is None:
+        return
+    _require(config.model.num_experts is not None,
+             f"--moe-routing-trace-path {log.moe_routing_trace_path}: traces MoE routers; "
+             "this model has none (set --num-experts)")
+    # whether this megatron-core has the tracer: model/config_checks.py
 
 
 def _validate_load_options(ckpt: CheckpointConfig) -> None:

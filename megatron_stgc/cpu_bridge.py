@@ -49,6 +49,12 @@ Patches (all applied by ``install()``):
 * ``vit_position_ids``    ``CLIPViTModel.__init__`` moves its position ids to the GPU
                           with ``.cuda()``; while it runs on CPU, ``Tensor.cuda()``
                           returns the tensor itself, so the ids stay on the CPU.
+* ``stream_capturing``    megatron-core's routing tracer (router_trace.py, 0.19 on;
+                          --moe-routing-trace-path) asks
+                          ``torch.cuda.is_current_stream_capturing()`` in every
+                          router hook, which a CPU build of torch cannot answer; on
+                          CPU it is False (nothing is captured). Only where
+                          megatron-core has the tracer.
 """
 
 from __future__ import annotations
@@ -304,6 +310,16 @@ def _patch_vit_position_ids() -> None:
     CLIPViTModel.__init__ = init_on_cpu
 
 
+def _has_router_tracer() -> bool:
+    from megatron_stgc.mcore_compat import router_tracer_class
+
+    return router_tracer_class() is not None
+
+
+def _patch_stream_capturing() -> None:
+    torch.cuda.is_current_stream_capturing = lambda: False
+
+
 _PATCHES = {
     "current_device": _patch_current_device,
     "rng_state": _patch_rng_state,
@@ -316,12 +332,14 @@ _PATCHES = {
     "tensor_type_checks": _patch_tensor_type_checks,
     "checkpoint_device": _patch_checkpoint_device,
     "vit_position_ids": _patch_vit_position_ids,
+    "stream_capturing": _patch_stream_capturing,
 }
 
 
 # Patches that only some megatron-core versions need: name -> "is it needed here?"
 _NEEDED_WHEN = {
     "te_general_gemm": _te_general_gemm_missing,
+    "stream_capturing": _has_router_tracer,
 }
 
 

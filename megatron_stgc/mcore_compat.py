@@ -252,3 +252,20 @@ def router_padding_mask(args: tuple, kwargs: dict):
     if "padding_mask" in kwargs:
         return kwargs["padding_mask"]
     return args[1] if len(args) > 1 else None
+
+
+# -- the routing tracer (--moe-routing-trace-path) --------------------------------------
+
+# megatron-core's RouterTracer (transformer/moe/router_trace.py) first shipped in 0.19.0
+# (Megatron-LM commit c1560d9481, "MoE routing analysis and metrics capture", first tag
+# core_v0.19.0); 0.16.1 .. 0.18.2 have no such module.
+ROUTER_TRACE_SINCE = "0.19.0"
+
+
+def router_tracer_class():
+    """megatron-core's ``RouterTracer`` class, or None where this megatron-core has none."""
+    try:
+        from megatron.core.transformer.moe.router_trace import RouterTracer
+    except ImportError:
+        return None
+    return RouterTracer

@@ -143,6 +143,22 @@ def check_vit_position_ids():
     assert vit(torch.randn(2, 3, 8, 8)).shape == (2, 5, 8)
 
 
+def check_stream_capturing():
+    from megatron_stgc.mcore_compat import router_tracer_class
+
+    tracer_class = router_tracer_class()
+    if tracer_class is None:  # megatron-core < 0.19: nothing asks (the patch is not needed)
+        return
+    tracer = tracer_class(tempfile.mkdtemp(prefix="bridge-trace-"), max_steps=1, rank=0,
+                          training_mode=True)
+    hook = tracer.make_hook("decoder.layers.0.mlp.router")
+    top_indices = torch.tensor([[0], [1], [0]])  # [tokens, topk]
+    hook(torch.nn.Identity(), (torch.randn(3, 8),), (torch.rand(3, 1), top_indices))
+    tracer.advance_step(0)
+    with open(tracer.output_path) as f:
+        assert '"top_indices": [[0], [1], [0]]' in f.read()
+
+
 CHECKS = {
     "current_device": check_current_device,
     "rng_state": check_rng_state,
@@ -155,6 +171,7 @@ CHECKS = {
     "tensor_type_checks": check_tensor_type_checks,
     "checkpoint_device": check_checkpoint_device,
     "vit_position_ids": check_vit_position_ids,
+    "stream_capturing": check_stream_capturing,
 }
 
 

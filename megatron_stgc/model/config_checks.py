@@ -1,6 +1,7 @@
-"""The config checks that need the model code: which spec a configuration gets (Transformer
-Engine or local, grouped GEMM, sequence parallelism), how many image tokens the vision
-tower makes, and megatron-core's own TransformerConfig checks. Run by
+"""The config checks that need the model code or megatron-core: which spec a configuration
+gets (Transformer Engine or local, grouped GEMM, sequence parallelism), how many image tokens
+the vision tower makes, whether this megatron-core has a feature (the routing tracer), and
+megatron-core's own TransformerConfig checks. Run by
 megatron_stgc/validation.py after config.check_flags; each error names the flag."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import copy
 import warnings
 
 from megatron_stgc.config import ConfigError, RunConfig, flag
+from megatron_stgc.mcore_compat import ROUTER_TRACE_SINCE, VERSION, router_tracer_class
 from megatron_stgc.model.gpt import (grouped_gemm_rule, sequence_parallel_rule,
                                      transformer_config_from, use_transformer_engine)
 from megatron_stgc.model.vision import num_image_tokens
@@ -28,6 +30,7 @@ def check_model_flags(config: RunConfig) -> None:
                  "which needs Transformer Engine norms (GPU); use --tensor-model-parallel-size 1 "
                  "on CPU")
     check(_check_spec_rules, config)
+    check(_check_routing_tracer, config)
     if config.vision.vision_model_type in ("clip", "siglip"):
         check(_check_vision_lengths, config)
 
@@ -44,6 +47,17 @@ def _check_spec_rules(config: RunConfig) -> None:
         _require(given is None or given == rule,
                  f"{flag(key)} {str(given).lower()}: this configuration has it "
                  f"{'on' if rule else 'off'} ({why})")
+
+
+def _check_routing_tracer(config: RunConfig) -> None:
+    """--moe-routing-trace-path needs a megatron-core with the tracer (0.19.0 on)."""
+    path = config.logging.moe_routing_trace_path
+    if path is None or config.model.num_experts is None:
+        return
+    _require(router_tracer_class() is not None,
+             f"--moe-routing-trace-path {path}: megatron-core {VERSION} "
+             "has no routing tracer (megatron/core/transformer/moe/router_trace.py); it needs "
+             f"megatron-core >= {ROUTER_TRACE_SINCE} (pip install 'megatron-core>=0.19')")
 
 
 def _check_vision_lengths(config: RunConfig) -> None:

@@ -31,6 +31,7 @@ from megatron_stgc.training.checkpoint import (TrainProgress, load_checkpoint,
                                                load_model_weights, read_tracker,
                                                save_checkpoint)
 from megatron_stgc.training.expert_load import ExpertLoadCounter
+from megatron_stgc.training.routing_trace import start_routing_trace, trace_report
 from megatron_stgc.training.guards import install_nonfinite_guard
 from megatron_stgc.training.interval_metrics import IntervalMetrics, is_log_step
 from megatron_stgc.training.logging import StepLogger, open_wandb
@@ -289,6 +290,7 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
                   Validation(config, objects, valid_dataset, expert_load, n_micro))
     stream = batch_stream(config, dataset, progress)
     stability = start_routing_stability(config, objects, expert_load, dataset)
+    trace = start_routing_trace(config, objects)  # --moe-routing-trace-path
     records = []
     last_saved = progress.iteration if config.checkpoint.load else None
     started_at = progress.iteration
@@ -298,6 +300,8 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
             set_router_step(objects.model, progress.iteration)  # Gumbel noise keyed on the step
             result = run_train_step(config, objects, stream.next_step(), n_micro,
                                     progress.iteration)
+            if trace is not None:
+                trace.end_step(progress.iteration)  # 0-based step, as Megatron-LM's
             progress.iteration += 1
             progress.consumed_samples += t.global_batch_size
             interval.add_step(result)
@@ -325,6 +329,9 @@ def train_loop(config: RunConfig, objects: TrainingObjects, dataset: PackedDatas
     finally:
         stream.close()
         stop_routing_stability()
+        if trace is not None:
+            trace.close()
+            logger.message(trace_report(trace))
     if ckpt.save and last_saved != progress.iteration:
         save_checkpoint(ckpt.save, objects.model, objects.optimizer, objects.scheduler, progress,
                         keep_last=ckpt.keep_last, data_state=data_state_of(dataset))
