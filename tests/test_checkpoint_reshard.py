@@ -81,7 +81,7 @@ def test_an_ep_change_refuses_the_optimizer_state_and_loads_without_it(tmp_path,
     results = run_on_ranks(_save_at_ep2_load_at_ep1, 2, str(tmp_path / "ckpt"),
                            distributed_optimizer)
     for message, iteration, same_weights, resumed, by_hand in results:
-        assert "--no-load-optim" in message and "another parallel layout" in message
+        assert "--no-load-optim" in message and "another parallel layout" in message, message
         assert iteration == SAVED_AT and same_weights
         for (loss, norm), (ref_loss, ref_norm) in zip(resumed, by_hand):
             assert loss == pytest.approx(ref_loss, rel=1e-6)

@@ -53,6 +53,7 @@ class ConflictRecord:
     routing_map: torch.Tensor | None = None  # [T, E] router side
     cos_map: torch.Tensor | None = None  # [T, E] router side, set by the experts' backward
     preset_conflicts: torch.Tensor | None = None  # two-pass: pass 1's conflicts
+    preset_judged: torch.Tensor | None = None  # two-pass: pass 1's judged pairs (defined cos)
     # [T, 1] bool, False on padding and on tokens --stgc-modalities leaves out (None: all)
     real_rows: torch.Tensor | None = None
 
@@ -110,7 +111,8 @@ class LayerSTGCState:
     layer_number: int | None = None
     current: ConflictRecord | None = None
     mode: str = SINGLE_PASS
-    identified: deque = field(default_factory=deque)  # two-pass: conflicts per micro-batch
+    # two-pass: (conflicts, judged pairs) per micro-batch, [T, E] bool each
+    identified: deque = field(default_factory=deque)
     collect_consistency: bool = False
     paused: bool = False  # True: forwards run as plain megatron-core (no L_token, no capture)
     sums: MetricSums = field(default_factory=MetricSums)
@@ -142,5 +144,6 @@ class LayerSTGCState:
                     "STGC two-pass: the apply pass ran more micro-batches through layer "
                     f"{self.layer_number} than the identify pass"
                 )
-            self.current.preset_conflicts = self.identified.popleft()
+            self.current.preset_conflicts, self.current.preset_judged = \
+                self.identified.popleft()
         return self.current

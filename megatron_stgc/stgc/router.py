@@ -61,7 +61,7 @@ class STGCRouter(TopKRouter):
         conflicts = self.conflicts_of(record)
         self._report(record, conflicts)
         if record.mode == IDENTIFY:
-            self.stgc.identified.append(conflicts)
+            self.stgc.identified.append((conflicts, self._judged_pairs(record)))
             return torch.zeros_like(logits)
         weights = self._push_weights(conflicts, record)
         with torch.enable_grad():
@@ -80,7 +80,10 @@ class STGCRouter(TopKRouter):
 
     @staticmethod
     def _judged_pairs(record: ConflictRecord) -> torch.Tensor:
-        """[T, E] bool: routed real pairs with a defined cosine."""
+        """[T, E] bool: routed real pairs with a defined cosine (two-pass apply: pass 1's,
+        since the apply pass computes no cosines)."""
+        if record.preset_judged is not None:
+            return record.preset_judged
         judged = record.judged_map()
         if record.cos_map is not None:
             judged = judged & ~torch.isnan(record.cos_map)

@@ -191,6 +191,9 @@ def named_points(spec: Any) -> list[Point]:
                 raise StudyError(f"points.{name}: unknown key(s) {', '.join(sorted(unknown))}; "
                                  f"known: flags, baseline, {', '.join(SETTINGS)}")
             settings = {key: int(value[key]) for key in SETTINGS if key in value}
+            if "baseline" in value and value["baseline"] is None:
+                raise StudyError(f"points.{name}.baseline: empty; name a point, or write "
+                                 "none for no comparison")
             baseline = None if value.get("baseline") is None else text(value["baseline"])
             points.append(Point(name, _str_list(value.get("flags") or [], f"points.{name}"),
                                 settings=settings, baseline=baseline))

@@ -22,6 +22,8 @@ without the distributed optimizer: megatron-core splits the optimizer per parall
 (a ChainedOptimizer of a dense and an expert part when the expert data-parallel group
 differs from the dense one), so EP 2 x DP 1 saves "chained_0." / "chained_1." tensors that
 an EP 1 x DP 2 run does not ask for (tests/test_checkpoint_reshard.py, 0.16.1 and 0.19.2).
+An EP change that keeps the split (EP 2 -> 4 on 4 ranks, plain optimizer) passes the key
+check; whether its optimizer state then maps correctly is not tested.
 "fully_reshardable", megatron-core's per-parameter format for the distributed optimizer,
 gathers through CUDA and fails on CPU; it would not change the split either. A load that
 would hit this stops with a CheckpointLayoutError that says to change the layout with
@@ -305,11 +307,13 @@ def _check_optimizer_layout(root: str, path: str, optimizer_template) -> None:
     if not missing:
         return
     raise CheckpointLayoutError(
-        f"--load {root}: the optimizer state in {path} was saved for another parallel layout; "
+        f"--load {root}: the optimizer state in {path} was saved for another parallel layout "
+        "or optimizer configuration (--use-distributed-optimizer, --bf16); "
         f"{len(missing)} of the {len(needed)} optimizer tensors this run needs are not in it "
         f"(e.g. {missing[0]!r}). megatron-core reshards the optimizer state across data-"
         "parallel sizes only, not across an --expert-model-parallel-size (or "
-        "--tensor-model-parallel-size) change. Resume at the saved layout, or load the "
+        "--tensor-model-parallel-size) change. Resume at the saved layout and optimizer "
+        "settings, or load the "
         "weights, iteration and data position with a fresh optimizer: --no-load-optim "
         "(docs/CHECKPOINTS.md)")
 
