@@ -911,9 +911,7 @@ def _validate_data(config: RunConfig) -> None:
             if config.vision.vision_model_type else "")
     for path in d.data_path or []:
         _require(os.path.exists(path), f"--data-path: {path} does not exist{hint}")
-    real = [os.path.realpath(path) for path in d.data_path or []]
-    repeated = sorted({path for path in d.data_path or []
-                       if real.count(os.path.realpath(path)) > 1})
+    repeated = _named_twice(d.data_path or [])
     _require(not repeated, f"--data-path names {repeated} more than once (each file's records "
                            "are used once per epoch; a file given twice would be used twice)")
     _require(d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}")
@@ -922,6 +920,12 @@ def _validate_data(config: RunConfig) -> None:
     _require(not d.group_by_modality_length or config.vision.vision_model_type is not None,
              "--group-by-modality-length needs --vision-model-type (the text-only data set "
              "has one modality)")
+
+
+def _named_twice(paths: list[str]) -> list[str]:
+    """The paths that name a file another path in ``paths`` also names (sorted)."""
+    real = [os.path.realpath(path) for path in paths]
+    return sorted({path for path in paths if real.count(os.path.realpath(path)) > 1})
 
 
 def _validate_validation(config: RunConfig) -> None:
@@ -940,9 +944,7 @@ def _validate_validation(config: RunConfig) -> None:
              "validation drop --valid-data-path)")
     for path in d.valid_data_path:
         _require(os.path.exists(path), f"--valid-data-path: {path} does not exist")
-    real = [os.path.realpath(path) for path in d.valid_data_path]
-    repeated = sorted({path for path in d.valid_data_path
-                       if real.count(os.path.realpath(path)) > 1})
+    repeated = _named_twice(d.valid_data_path)
     _require(not repeated, f"--valid-data-path names {repeated} more than once")
 
 

@@ -169,11 +169,9 @@ def build_dataset(seq_length: int, seed: int, cache_dir: str,
     records = text_records(data_path)
     conversations = (records.conversations if records is not None
                      else generate_conversations(num_samples, seed=0))
-    if tokenizer is not None:
-        pass
-    elif tokenizer_model is not None:
+    if tokenizer is None and tokenizer_model is not None:
         tokenizer = load_tokenizer(tokenizer_model)
-    else:
+    elif tokenizer is None:
         os.makedirs(cache_dir, exist_ok=True)
         tokenizer = get_or_train_tokenizer(tokenizer_texts(conversations), vocab_size,
                                            cache_dir)

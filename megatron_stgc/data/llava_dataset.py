@@ -285,11 +285,9 @@ def build_llava_dataset(data_path: list[str] | str, image_root: Optional[str], c
     index = open_llava_mix(data_path, image_root, cache_dir, allow_image_outside_root)
     if len(index) == 0:
         raise DataError(f"{data_flag} {index.path}: no usable records\n{index.report()}")
-    if tokenizer is not None:
-        pass
-    elif tokenizer_model is not None:
+    if tokenizer is None and tokenizer_model is not None:
         tokenizer = load_tokenizer(tokenizer_model)
-    else:
+    elif tokenizer is None:
         tokenizer = get_or_train_tokenizer(tokenizer_training_texts(index), vocab_size, cache_dir)
     order = None
     if grouping is not None:

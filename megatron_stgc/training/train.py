@@ -103,6 +103,12 @@ def prepare_data(config: RunConfig) -> tuple[PackedDataset, Tokenizer]:
             tokenizer_model=config.data.tokenizer_model, vocab_size=config.data.vocab_size,
             num_samples=config.data.num_samples)
 
+    return rank_zero_first(build)
+
+
+def rank_zero_first(build):
+    """``build()`` on rank 0, then, after a barrier, on the other ranks (rank 0 may train a
+    tokenizer or write an index that the others then read from the cache)."""
     result = build() if dist.get_rank() == 0 else None
     dist.barrier()
     return result if result is not None else build()
@@ -124,9 +130,7 @@ def prepare_validation_data(config: RunConfig, tokenizer: Tokenizer):
             cache_dir=cache_dir_for(config), data_path=config.data.valid_data_path,
             tokenizer=tokenizer)[0]
 
-    result = build() if dist.get_rank() == 0 else None
-    dist.barrier()
-    dataset = result if result is not None else build()
+    dataset = rank_zero_first(build)
     if len(dataset) == 0:
         raise DataError(f"--valid-data-path {' '.join(config.data.valid_data_path)}: no usable "
                         "records")
